@@ -1,0 +1,28 @@
+"""The `lorabot` command line: one typer app, with commands grouped by domain in sibling modules.
+
+Each module exposes `register(app)`; this keeps front-end code thin and lets every domain own its
+commands (vast: offers/rent/..., dataset, config, jobs: train/launch/status/..., demo, run).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="lorabot",
+    help="Train FLUX LoRAs on rented GPUs: operator tools for the lorabot Discord bot.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_MODULES = ("vast", "dataset", "config", "ssh", "jobs", "demo", "run")
+
+for _name in _MODULES:
+    importlib.import_module(f"bot.cli.{_name}").register(app)
+
+
+def main() -> None:
+    app()

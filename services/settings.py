@@ -1,0 +1,203 @@
+"""Every knob and secret of lorabot, read from the environment and ./.env.
+
+Names follow ../shared/cli-contract.md exactly (VASTAI_*, DISCORD_*, R2_*, HF_TOKEN, LORABOT_*).
+Knobs that the contract does not name carry the LORABOT_ prefix. Secrets are SecretStr so that
+their values never show up in reprs, logs or tracebacks; `secret_values()` lists them so that
+outgoing text can be redacted.
+"""
+
+from __future__ import annotations
+
+import enum
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as _SourceError
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed. The message is one line and names the variable."""
+
+
+class MissingCaptionPolicy(enum.StrEnum):
+    FAIL = "fail"
+    TRIGGER = "trigger"  # fill with the trigger word, as ai-toolkit itself would
+    CAPTIONER = "captioner"  # hand over to a captioner (interface only for now)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        case_sensitive=False,
+    )
+
+    # --- Vast.ai -----------------------------------------------------------------------------
+    vastai_api_key: SecretStr | None = Field(None, validation_alias="VASTAI_API_KEY")
+    vastai_api_url: str = Field("https://console.vast.ai", validation_alias="VASTAI_API_URL")
+    vastai_ssh_key_path: Path = Field(Path("~/.ssh/id_ed25519"), validation_alias="VASTAI_SSH_KEY_PATH")
+    vastai_timeout_s: float = Field(30.0, gt=0, validation_alias="LORABOT_VASTAI_TIMEOUT_S")
+    vastai_max_retries: int = Field(6, ge=0, le=20, validation_alias="LORABOT_VASTAI_MAX_RETRIES")
+    # base delay of the jittered exponential backoff on 429/5xx (tests shrink it)
+    vastai_backoff_s: float = Field(1.0, ge=0, validation_alias="LORABOT_VASTAI_BACKOFF_S")
+    vastai_backoff_max_s: float = Field(30.0, ge=0, validation_alias="LORABOT_VASTAI_BACKOFF_MAX_S")
+    # minimum interval between two calls to the same endpoint (Vast.ai enforces per-endpoint pacing)
+    vastai_min_interval_s: float = Field(0.25, ge=0, validation_alias="LORABOT_VASTAI_MIN_INTERVAL_S")
+    vastai_poll_interval_s: float = Field(10.0, gt=0, validation_alias="LORABOT_VASTAI_POLL_INTERVAL_S")
+
+    # --- what to rent -------------------------------------------------------------------------
+    gpu_name: str = Field("RTX 4090", validation_alias="LORABOT_GPU_NAME")
+    image: str = Field(
+        "vastai/pytorch:@vastai-automatic-tag", validation_alias="LORABOT_IMAGE"
+    )
+    disk_gb: float = Field(80.0, ge=8, validation_alias="LORABOT_DISK_GB")
+    max_price: float = Field(1.0, gt=0, validation_alias="LORABOT_MAX_PRICE")  # $/h, server cap
+    min_reliability: float = Field(0.97, ge=0, le=1, validation_alias="LORABOT_MIN_RELIABILITY")
+    min_inet_down: float = Field(200.0, ge=0, validation_alias="LORABOT_MIN_INET_DOWN")
+    min_cuda: float = Field(12.1, ge=0, validation_alias="LORABOT_MIN_CUDA")
+    rent_attempts: int = Field(5, ge=1, le=50, validation_alias="LORABOT_RENT_ATTEMPTS")
+
+    # --- Discord ------------------------------------------------------------------------------
+    discord_token: SecretStr | None = Field(None, validation_alias="DISCORD_TOKEN")
+    discord_guild_id: int | None = Field(None, validation_alias="DISCORD_GUILD_ID")
+    train_roles: Annotated[list[str], NoDecode] = Field(default_factory=list, validation_alias="LORABOT_TRAIN_ROLES")
+    admin_roles: Annotated[list[str], NoDecode] = Field(default_factory=list, validation_alias="LORABOT_ADMIN_ROLES")
+
+    # --- Cloudflare R2 ------------------------------------------------------------------------
+    r2_account_id: str | None = Field(None, validation_alias="R2_ACCOUNT_ID")
+    r2_access_key_id: SecretStr | None = Field(None, validation_alias="R2_ACCESS_KEY_ID")
+    r2_secret_access_key: SecretStr | None = Field(None, validation_alias="R2_SECRET_ACCESS_KEY")
+    r2_bucket: str | None = Field(None, validation_alias="R2_BUCKET")
+    r2_endpoint_url: str | None = Field(None, validation_alias="R2_ENDPOINT_URL")
+    r2_public_base_url: str | None = Field(None, validation_alias="R2_PUBLIC_BASE_URL")
+    link_expiry_s: int = Field(7 * 24 * 3600, ge=60, le=7 * 24 * 3600, validation_alias="LORABOT_LINK_EXPIRY_S")
+    backup_checkpoints: bool = Field(True, validation_alias="LORABOT_BACKUP_CHECKPOINTS")
+
+    # --- Hugging Face (the only secret that goes to the rented box) ---------------------------
+    hf_token: SecretStr | None = Field(None, validation_alias="HF_TOKEN")
+
+    # --- local state --------------------------------------------------------------------------
+    db_path: Path = Field(Path("./data/lorabot.sqlite3"), validation_alias="LORABOT_DB_PATH")
+    label_prefix: str = Field("lorabot-", min_length=1, max_length=64, validation_alias="LORABOT_LABEL_PREFIX")
+    work_dir: Path = Field(Path("./data/work"), validation_alias="LORABOT_WORK_DIR")
+
+    # --- dataset intake -----------------------------------------------------------------------
+    missing_captions: MissingCaptionPolicy = Field(
+        MissingCaptionPolicy.TRIGGER, validation_alias="LORABOT_MISSING_CAPTIONS"
+    )
+    dataset_max_bytes: int = Field(2 * 1024**3, gt=0, validation_alias="LORABOT_DATASET_MAX_BYTES")
+    dataset_max_files: int = Field(5000, gt=0, validation_alias="LORABOT_DATASET_MAX_FILES")
+    dataset_min_images: int = Field(5, ge=1, validation_alias="LORABOT_DATASET_MIN_IMAGES")
+    dataset_min_side: int = Field(256, ge=16, validation_alias="LORABOT_DATASET_MIN_SIDE")
+    # lets URL intake reach 127.0.0.1 (tests and the local demo only)
+    allow_loopback_urls: bool = Field(False, validation_alias="LORABOT_ALLOW_LOOPBACK_URLS")
+
+    # --- the rented box -----------------------------------------------------------------------
+    remote_root: str = Field("/workspace/lorabot", validation_alias="LORABOT_REMOTE_ROOT")
+    aitoolkit_dir: str = Field("/workspace/ai-toolkit", validation_alias="LORABOT_AITOOLKIT_DIR")
+    remote_python: str = Field("python3", validation_alias="LORABOT_REMOTE_PYTHON")
+    ready_probe: str = Field("nvidia-smi -L", validation_alias="LORABOT_READY_PROBE")
+    ready_timeout_s: float = Field(1200.0, gt=0, validation_alias="LORABOT_READY_TIMEOUT_S")
+    ssh_connect_timeout_s: float = Field(15.0, gt=0, validation_alias="LORABOT_SSH_CONNECT_TIMEOUT_S")
+
+    # --- jobs, money and limits ---------------------------------------------------------------
+    max_concurrent_jobs: int = Field(4, ge=1, validation_alias="LORABOT_MAX_CONCURRENT_JOBS")
+    max_jobs_per_user: int = Field(1, ge=1, validation_alias="LORABOT_MAX_JOBS_PER_USER")
+    max_runtime_s: float = Field(4 * 3600.0, gt=0, validation_alias="LORABOT_MAX_RUNTIME_S")
+    max_job_cost: float = Field(5.0, gt=0, validation_alias="LORABOT_MAX_JOB_COST")
+    user_daily_budget: float = Field(10.0, gt=0, validation_alias="LORABOT_USER_DAILY_BUDGET")
+    global_daily_budget: float = Field(50.0, gt=0, validation_alias="LORABOT_GLOBAL_DAILY_BUDGET")
+    stall_timeout_s: float = Field(900.0, gt=0, validation_alias="LORABOT_STALL_TIMEOUT_S")
+    save_partial_on_cancel: bool = Field(True, validation_alias="LORABOT_SAVE_PARTIAL_ON_CANCEL")
+    reaper_interval_s: float = Field(300.0, gt=0, validation_alias="LORABOT_REAPER_INTERVAL_S")
+    # seconds per training step of an RTX 4090 at 1024 px; the quote scales it by resolution
+    sec_per_step_4090: float = Field(1.6, gt=0, validation_alias="LORABOT_SEC_PER_STEP_4090")
+
+    @field_validator(
+        "vastai_api_url", "r2_endpoint_url", "r2_public_base_url", "r2_account_id", "r2_bucket", mode="before"
+    )
+    @classmethod
+    def _strip_empty(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.strip()
+            return v or None
+        return v
+
+    @field_validator("train_roles", "admin_roles", mode="before")
+    @classmethod
+    def _split_list(cls, v: Any) -> Any:
+        # accept "Trainers, Admins" as well as a JSON list
+        if isinstance(v, str) and not v.strip().startswith("["):
+            return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    # --- helpers ------------------------------------------------------------------------------
+    def require(self, *fields: str, why: str = "") -> None:
+        """Fail with one line naming the first missing setting among `fields`."""
+        for name in fields:
+            if getattr(self, name) in (None, ""):
+                raise SettingsError(f"{env_name(name)} is not set" + (f" (needed {why})" if why else ""))
+
+    def secret_values(self) -> list[str]:
+        """Plain values of every secret, for redaction of outgoing text. Never print these."""
+        out = []
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                raw = value.get_secret_value()
+                if len(raw) >= 4:
+                    out.append(raw)
+        return out
+
+    @property
+    def ssh_key_path(self) -> Path:
+        return self.vastai_ssh_key_path.expanduser()
+
+
+def env_name(field: str) -> str:
+    """The environment variable a field is read from."""
+    info = Settings.model_fields[field]
+    alias = info.validation_alias
+    if isinstance(alias, str):
+        return alias
+    return field.upper()
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = error.get("loc") or ("?",)
+    field = str(loc[0])
+    name = env_name(field) if field in Settings.model_fields else field.upper()
+    # never echo the input: it may be a secret
+    return f"{name}: {error.get('msg', 'invalid value')}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings; a malformed value raises SettingsError naming the variable, in one line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]
+        raise SettingsError(f"invalid setting {_describe(dict(first))}") from None
+    except _SourceError as exc:
+        # pydantic-settings names the field in its message ('... for field "x" ...')
+        field = str(exc).split('"')[1] if '"' in str(exc) else "?"
+        name = env_name(field) if field in Settings.model_fields else field
+        raise SettingsError(f"invalid setting {name}: cannot parse the value") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """Replace every secret value in `text` with a marker."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return text
