@@ -96,6 +96,15 @@ class Settings(BaseSettings):
     dataset_min_side: int = Field(256, ge=16, validation_alias="LORABOT_DATASET_MIN_SIDE")
     # lets URL intake reach 127.0.0.1 (tests and the local demo only)
     allow_loopback_urls: bool = Field(False, validation_alias="LORABOT_ALLOW_LOOPBACK_URLS")
+    # largest single archive entry / file, and the zip-bomb guard (uncompressed/compressed per entry)
+    dataset_max_file_bytes: int = Field(200 * 1024**2, gt=0, validation_alias="LORABOT_DATASET_MAX_FILE_BYTES")
+    dataset_max_ratio: float = Field(100.0, gt=1, validation_alias="LORABOT_DATASET_MAX_RATIO")
+    # decoded pixels per image (a decompression-bomb guard below Pillow's own 89 MP warning)
+    dataset_max_pixels: int = Field(80_000_000, gt=0, validation_alias="LORABOT_DATASET_MAX_PIXELS")
+    dataset_workers: int = Field(0, ge=0, le=64, validation_alias="LORABOT_DATASET_WORKERS")  # 0: auto
+    dataset_url_timeout_s: float = Field(120.0, gt=0, validation_alias="LORABOT_DATASET_URL_TIMEOUT_S")
+    # extra CA bundle for URL intake (tests' self-signed server); None: the system's trust store
+    dataset_url_ca_bundle: Path | None = Field(None, validation_alias="LORABOT_DATASET_URL_CA_BUNDLE")
 
     # --- the rented box -----------------------------------------------------------------------
     remote_root: str = Field("/workspace/lorabot", validation_alias="LORABOT_REMOTE_ROOT")
