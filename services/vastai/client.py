@@ -22,7 +22,7 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_random_exponential,
 )
 
 from services.settings import Settings
@@ -178,7 +178,7 @@ class VastClient:
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_Retryable),
             stop=stop_after_attempt(self._max_retries + 1),
-            wait=wait_exponential_jitter(initial=self._backoff_s, max=self._backoff_max_s, jitter=self._backoff_s),
+            wait=wait_random_exponential(multiplier=self._backoff_s, max=self._backoff_max_s),  # full jitter
             reraise=True,
         )
         try:

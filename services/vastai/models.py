@@ -180,9 +180,8 @@ class Instance(BaseModel):
         raw = d.get("cur_state") or d.get("actual_status") or d.get("status")
         # cur_state is the contract state ("running" while the container still loads): only
         # trust it as running when actual_status agrees or is absent.
-        actual = d.get("actual_status")
-        if raw == "running" and actual and actual != "running":
-            raw = actual
+        if raw == "running" and "actual_status" in d and d["actual_status"] != "running":
+            raw = d["actual_status"]  # null while provisioning: pending
         d["raw_status"] = raw if isinstance(raw, str) else None
         d["status"] = parse_status(raw)
         d["public_ipaddr"] = d.get("public_ipaddr") or d.get("public_ip") or None
