@@ -1,0 +1,288 @@
+"""The job store: SQLite through aiosqlite, WAL mode, a schema version with migrations.
+
+Every transition is checked against the state machine and written, with a timestamp and a reason,
+in the same transaction as the fields it changes, before the side effect it guards. Several
+processes (the bot and `lorabot` commands) may open the same file: WAL lets readers run beside
+one writer, and ownership of a running job is a lease (owner + owner_seen_at) so that exactly one
+worker drives it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from services.jobs.model import TERMINAL, Job, JobEventRow, JobState, check_transition
+
+# Each migration moves the schema one version up; never edit a released one, add a new one.
+MIGRATIONS: list[str] = [
+    # v1
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        doc TEXT NOT NULL,
+        user_id TEXT NOT NULL DEFAULT '',
+        label TEXT,
+        instance_id INTEGER,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE job_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        at REAL NOT NULL,
+        src TEXT,
+        dst TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX job_events_job ON job_events(job_id, seq);
+    CREATE INDEX jobs_state ON jobs(state);
+    """,
+    # v2: first-class columns for what a restarted process must find without parsing documents
+    """
+    ALTER TABLE jobs ADD COLUMN offer_id INTEGER;
+    ALTER TABLE jobs ADD COLUMN dph_total REAL;
+    ALTER TABLE jobs ADD COLUMN ssh_host TEXT;
+    ALTER TABLE jobs ADD COLUMN ssh_port INTEGER;
+    ALTER TABLE jobs ADD COLUMN host_key TEXT;
+    ALTER TABLE jobs ADD COLUMN owner TEXT;
+    ALTER TABLE jobs ADD COLUMN owner_seen_at REAL;
+    ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX jobs_user ON jobs(user_id, created_at);
+    CREATE UNIQUE INDEX jobs_label ON jobs(label) WHERE label IS NOT NULL;
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+# columns mirrored out of the JSON document (the document stays the source of truth)
+_MIRRORED = ["state", "user_id", "label", "instance_id", "created_at", "updated_at", "offer_id", "dph_total",
+             "ssh_host", "ssh_port", "host_key", "owner", "owner_seen_at", "cancel_requested"]
+
+
+class JobNotFound(KeyError):
+    pass
+
+
+class JobStore:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._db: aiosqlite.Connection | None = None
+
+    async def open(self) -> JobStore:
+        if str(self.path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self.path, timeout=30, isolation_level=None)
+        self._db.row_factory = aiosqlite.Row
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute("PRAGMA synchronous=NORMAL")
+        await self._db.execute("PRAGMA foreign_keys=ON")
+        await self._db.execute("PRAGMA busy_timeout=30000")
+        try:
+            await self._migrate()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def __aenter__(self) -> JobStore:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("the job store is not open")
+        return self._db
+
+    async def schema_version(self) -> int:
+        async with self.db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def _migrate(self) -> None:
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            version = await self.schema_version()
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path} has schema v{version}, newer than this lorabot (v{SCHEMA_VERSION}): upgrade lorabot"
+                )
+            for n in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[n].split(";"):
+                    if statement.strip():
+                        await self.db.execute(statement)
+                await self.db.execute(f"PRAGMA user_version = {n + 1}")
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+
+    # --- rows <-> jobs ------------------------------------------------------------------------
+    @staticmethod
+    def _row_to_job(row: aiosqlite.Row) -> Job:
+        return Job.model_validate_json(row["doc"])
+
+    def _mirror(self, job: Job) -> dict[str, Any]:
+        values = {name: getattr(job, name) for name in _MIRRORED}
+        values["state"] = job.state.value
+        values["cancel_requested"] = int(job.cancel_requested)
+        values["doc"] = job.model_dump_json()
+        return values
+
+    async def _write(self, job: Job, *, insert: bool = False) -> None:
+        values = self._mirror(job)
+        if insert:
+            cols = ", ".join(["id", *values])
+            marks = ", ".join("?" for _ in range(len(values) + 1))
+            await self.db.execute(f"INSERT INTO jobs ({cols}) VALUES ({marks})", [job.id, *values.values()])  # noqa: S608
+        else:
+            sets = ", ".join(f"{k} = ?" for k in values)
+            await self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*values.values(), job.id])  # noqa: S608
+
+    async def _load(self, job_id: str) -> Job:
+        async with self.db.execute("SELECT doc FROM jobs WHERE id = ?", (job_id,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise JobNotFound(job_id)
+        return self._row_to_job(row)
+
+    # --- API ----------------------------------------------------------------------------------
+    async def create(self, job: Job, reason: str = "created") -> Job:
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            await self._write(job, insert=True)
+            await self.db.execute(
+                "INSERT INTO job_events (job_id, at, src, dst, reason) VALUES (?, ?, NULL, ?, ?)",
+                (job.id, job.created_at, job.state.value, reason),
+            )
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        return job
+
+    async def get(self, job_id: str) -> Job | None:
+        try:
+            return await self._load(job_id)
+        except JobNotFound:
+            return None
+
+    async def require(self, job_id: str) -> Job:
+        return await self._load(job_id)
+
+    async def transition(self, job_id: str, dst: JobState, reason: str = "", **fields: Any) -> Job:
+        """Move a job to `dst`, checked, with its reason and fields, in one transaction."""
+        now = time.time()
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            job = await self._load(job_id)
+            check_transition(job.id, job.state, dst)
+            src = job.state
+            updated = job.model_copy(update={**fields, "state": dst, "updated_at": now})
+            if dst.terminal:
+                updated.finished_at = updated.finished_at or now
+                updated.reason = reason or updated.reason
+            elif reason:
+                updated.reason = reason
+            updated = Job.model_validate(updated.model_dump())  # validate field updates
+            await self._write(updated)
+            await self.db.execute(
+                "INSERT INTO job_events (job_id, at, src, dst, reason) VALUES (?, ?, ?, ?, ?)",
+                (job.id, now, src.value, dst.value, reason),
+            )
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        return updated
+
+    async def update(self, job_id: str, **fields: Any) -> Job:
+        """Change fields without a state change (progress, endpoint, ...)."""
+        if "state" in fields:
+            raise ValueError("use transition() to change the state")
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            job = await self._load(job_id)
+            updated = Job.model_validate({**job.model_dump(), **fields, "updated_at": time.time()})
+            await self._write(updated)
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        return updated
+
+    async def events(self, job_id: str) -> list[JobEventRow]:
+        async with self.db.execute(
+            "SELECT job_id, at, src, dst, reason FROM job_events WHERE job_id = ? ORDER BY seq", (job_id,)
+        ) as cur:
+            rows = await cur.fetchall()
+        return [JobEventRow(job_id=r[0], at=r[1], src=r[2], dst=r[3], reason=r[4]) for r in rows]
+
+    async def find(
+        self, *, user_id: str | None = None, states: Iterable[JobState] | None = None, limit: int = 100
+    ) -> list[Job]:
+        sql = "SELECT doc FROM jobs WHERE 1=1"
+        args: list[Any] = []
+        if user_id is not None:
+            sql += " AND user_id = ?"
+            args.append(user_id)
+        if states is not None:
+            wanted = [s.value for s in states]
+            sql += f" AND state IN ({', '.join('?' for _ in wanted)})"
+            args.extend(wanted)
+        sql += " ORDER BY created_at DESC LIMIT ?"
+        args.append(limit)
+        async with self.db.execute(sql, args) as cur:
+            rows = await cur.fetchall()
+        return [self._row_to_job(r) for r in rows]
+
+    async def live(self) -> list[Job]:
+        """Jobs not in a terminal state."""
+        return await self.find(states=[s for s in JobState if s not in TERMINAL], limit=10_000)
+
+    async def by_label(self, label: str) -> Job | None:
+        async with self.db.execute("SELECT doc FROM jobs WHERE label = ?", (label,)) as cur:
+            row = await cur.fetchone()
+        return self._row_to_job(row) if row else None
+
+    async def spent_since(self, since: float, user_id: str | None = None) -> float:
+        """Money spent (settled + running) on jobs created since `since`."""
+        jobs = await self.find(user_id=user_id, limit=100_000)
+        return round(sum(j.cost_so_far() for j in jobs if j.created_at >= since), 4)
+
+    async def claim(self, job_id: str, owner: str, lease_s: float = 60.0) -> bool:
+        """Take (or renew) the lease on a job; False when another live process holds it."""
+        now = time.time()
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            job = await self._load(job_id)
+            held = job.owner and job.owner != owner and (job.owner_seen_at or 0) > now - lease_s
+            if held:
+                await self.db.execute("ROLLBACK")
+                return False
+            job.owner, job.owner_seen_at = owner, now
+            await self._write(job)
+            await self.db.execute("COMMIT")
+            return True
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+
+    async def release(self, job_id: str, owner: str) -> None:
+        job = await self.get(job_id)
+        if job is not None and job.owner == owner:
+            await self.update(job_id, owner=None, owner_seen_at=None)
+
+    async def request_cancel(self, job_id: str) -> Job:
+        return await self.update(job_id, cancel_requested=True)
