@@ -119,7 +119,5 @@ class FanOut:
         for n in self.notifiers:
             try:
                 await n.notify(job, event)
-            except Exception:
-                import logging
-
+            except Exception:  # a chat outage must not kill a paid job
                 logging.getLogger(__name__).exception("notifier %r failed", n)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from pathlib import Path
 
@@ -50,7 +51,7 @@ async def test_transitions_are_recorded_with_reason_and_time(store: JobStore) ->
     events = await store.events(job.id)
     assert [e.dst for e in events] == ["validating", "awaiting_confirmation", "queued", "renting", "waiting_ready"]
     assert events[-1].reason == "rented" and events[-1].src == "renting"
-    assert all(a.at <= b.at for a, b in zip(events, events[1:], strict=False))
+    assert all(a.at <= b.at for a, b in itertools.pairwise(events))
     assert (await store.by_label("lorabot-x")).id == job.id  # type: ignore[union-attr]
 
 
