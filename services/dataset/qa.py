@@ -324,12 +324,16 @@ def run_qa(intake: Intake, folder: Path, settings: Settings, trigger: str | None
     n = workers(settings)
     checks = _pmap(lambda f: inspect_image(f, settings.dataset_max_pixels, settings.dataset_min_side), images, n)
     kept: list[ImageCheck] = []
+    # captions of rejected or duplicate images are not orphans: their image was reported instead
+    used_captions: set[tuple[tuple[str, ...], str]] = set()
     first_by_hash: dict[str, str] = {}
     for check in checks:
         if check.problem:
             res.problems.append(check.problem)
+            used_captions.add(_key(check.src.parts))
             continue
         if check.sha256 in first_by_hash:
+            used_captions.add(_key(check.src.parts))
             res.duplicates += 1
             res.repairs.append(
                 Repair(
@@ -352,7 +356,6 @@ def run_qa(intake: Intake, folder: Path, settings: Settings, trigger: str | None
         res.files.append(ManifestFile(path=w.name, size=w.size, sha256=w.sha256))
     res.images = len(written)
 
-    used_captions: set[tuple[tuple[str, ...], str]] = set()
     for check, stem, w in zip(kept, stems, written, strict=True):
         key = _key(check.src.parts)
         text = _caption_for(check.src, key, captions, json_maps, used_captions, res)
