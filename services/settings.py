@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     r2_public_base_url: str | None = Field(None, validation_alias="R2_PUBLIC_BASE_URL")
     link_expiry_s: int = Field(7 * 24 * 3600, ge=60, le=7 * 24 * 3600, validation_alias="LORABOT_LINK_EXPIRY_S")
     backup_checkpoints: bool = Field(True, validation_alias="LORABOT_BACKUP_CHECKPOINTS")
+    # uploads from the bot's host: multipart (boto3 transfer manager) above the threshold
+    r2_multipart_threshold_mb: int = Field(64, ge=5, validation_alias="LORABOT_R2_MULTIPART_THRESHOLD_MB")
+    r2_part_size_mb: int = Field(64, ge=5, le=5120, validation_alias="LORABOT_R2_PART_SIZE_MB")
+    r2_max_concurrency: int = Field(8, ge=1, le=64, validation_alias="LORABOT_R2_MAX_CONCURRENCY")
 
     # --- Hugging Face (the only secret that goes to the rented box) ---------------------------
     hf_token: SecretStr | None = Field(None, validation_alias="HF_TOKEN")
