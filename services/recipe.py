@@ -79,24 +79,24 @@ class FluxRecipe(BaseModel):
 
     name: str = Field(min_length=1, max_length=64, description="human label, stored in the LoRA metadata")
     trigger_word: str = Field(min_length=1, max_length=48)
-    steps: int = Field(1500, ge=1, le=10000)
-    rank: int = Field(16, ge=1, le=128)
-    alpha: int = Field(0, ge=0, le=256, description="0 means 'same as rank'")
-    learning_rate: float = Field(1e-4, gt=0, le=10.0)
-    batch_size: int = Field(1, ge=1, le=8)
+    steps: int = Field(default=1500, ge=1, le=10000)
+    rank: int = Field(default=16, ge=1, le=128)
+    alpha: int = Field(default=0, ge=0, le=256, description="0 means 'same as rank'")
+    learning_rate: float = Field(default=1e-4, gt=0, le=10.0)
+    batch_size: int = Field(default=1, ge=1, le=8)
     resolutions: list[int] = Field(default_factory=lambda: [512, 768, 1024], min_length=1, max_length=4)
     optimizer: Optimizer = "adamw8bit"
-    caption_dropout: float = Field(0.05, ge=0.0, le=0.5)
-    save_every: int = Field(250, ge=1, le=10000)
-    max_saves_to_keep: int = Field(4, ge=1, le=20)
-    sample_every: int = Field(250, ge=0, le=10000, description="0 disables sampling")
+    caption_dropout: float = Field(default=0.05, ge=0.0, le=0.5)
+    save_every: int = Field(default=250, ge=1, le=10000)
+    max_saves_to_keep: int = Field(default=4, ge=1, le=20)
+    sample_every: int = Field(default=250, ge=0, le=10000, description="0 disables sampling")
     sample_prompts: list[str] = Field(default_factory=list, max_length=MAX_PROMPTS)
-    sample_size: int = Field(1024, ge=256, le=1536, multiple_of=64)
+    sample_size: int = Field(default=1024, ge=256, le=1536, multiple_of=64)
     skip_first_sample: bool = False
-    seed: int = Field(42, ge=0, le=2**31 - 1)
+    seed: int = Field(default=42, ge=0, le=2**31 - 1)
     base_model: BaseModelName = "dev"
     # a local diffusers folder or another repo id (e.g. a pre-downloaded copy, see §7.5)
-    model_path: str | None = Field(None, max_length=200)
+    model_path: str | None = Field(default=None, max_length=200)
     quantize: bool = True
     use_ema: bool = True
 

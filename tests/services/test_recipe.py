@@ -277,7 +277,10 @@ def test_none_overrides_keep_preset_values() -> None:
 def test_render_arguments_are_checked(kwargs: dict[str, str], message: str) -> None:
     recipe = FluxRecipe.from_preset("fast", name="n", trigger_word="t")
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace("$", r"\$")):
-        render_config(recipe, **{**PATHS, **kwargs})
+        args = {**PATHS, **kwargs}
+        render_config(
+            recipe, job_name=args["job_name"], dataset_dir=args["dataset_dir"], training_folder=args["training_folder"]
+        )
 
 
 def test_render_rejects_unknown_format() -> None:
