@@ -179,7 +179,7 @@ def _extract(zf: zipfile.ZipFile, archive_size: int, raw_dir: Path, limits: Limi
     for info in infos:
         name = decode_zip_name(info)
         parts = _check_entry(info, name)
-        if info.is_dir() or not parts:
+        if not parts or info.filename.endswith("/"):  # (is_dir() crashes on an empty name)
             continue
         if info.file_size > limits.max_file_bytes:
             raise UnsafeArchiveError(

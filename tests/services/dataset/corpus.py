@@ -50,6 +50,7 @@ def exif_rotated_jpeg(size: tuple[int, int] = (400, 300), orientation: int = 6) 
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims huge dimensions and holds almost nothing: a decompression bomb header."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

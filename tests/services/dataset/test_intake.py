@@ -104,9 +104,7 @@ async def test_entry_and_total_size_caps(tmp_path: Path, work: Path, cfg: Settin
     with pytest.raises(DatasetError) as err:
         await _prepare_zip(tmp_path, work, small, data)
     assert err.value.code == "entry_too_large"
-    total = cfg.model_copy(update={"dataset_max_bytes": len(data) + 10, "dataset_max_file_bytes": one})
-    # the archive fits, but it unpacks to more than... nothing here: stored data is the same size,
-    # so cap below the uncompressed total instead
+    # five images and five captions unpack to more than three images' worth
     total = cfg.model_copy(update={"dataset_max_bytes": 3 * one})
     with pytest.raises(DatasetError) as err:
         await _prepare_zip(tmp_path, work, total, data)
@@ -175,7 +173,7 @@ async def test_mac_zip_with_nested_folders_and_odd_extensions(tmp_path: Path, wo
     assert names == sorted(
         ["a_one.jpg", "a_one.txt", "b_two.png", "b_two.txt", "b_c_three.jpeg", "b_c_three.txt", "four.webp", "four.txt"]
     )
-    assert (prepared.folder / "a_one.txt").read_bytes() == "ohwx on a beach\nat dusk".encode()
+    assert (prepared.folder / "a_one.txt").read_bytes() == b"ohwx on a beach\nat dusk"
     assert all(_SAFE_PATH.match(f.path) for f in prepared.manifest.files)
     assert prepared.manifest.images == 4 and prepared.manifest.captions == 4
 
