@@ -117,6 +117,13 @@ class Settings(BaseSettings):
     ready_probe: str = Field("nvidia-smi -L", validation_alias="LORABOT_READY_PROBE")
     ready_timeout_s: float = Field(1200.0, gt=0, validation_alias="LORABOT_READY_TIMEOUT_S")
     ssh_connect_timeout_s: float = Field(15.0, gt=0, validation_alias="LORABOT_SSH_CONNECT_TIMEOUT_S")
+    # keepalive every N s; the link counts as dead after ssh_keepalive_count unanswered ones
+    ssh_keepalive_s: float = Field(15.0, gt=0, validation_alias="LORABOT_SSH_KEEPALIVE_S")
+    ssh_keepalive_count: int = Field(4, ge=1, validation_alias="LORABOT_SSH_KEEPALIVE_COUNT")
+    # stop on the box: SIGINT, then SIGTERM after stop_grace, then SIGKILL after kill_grace more
+    remote_stop_grace_s: float = Field(60.0, gt=0, validation_alias="LORABOT_REMOTE_STOP_GRACE_S")
+    remote_kill_grace_s: float = Field(15.0, gt=0, validation_alias="LORABOT_REMOTE_KILL_GRACE_S")
+    remote_heartbeat_s: float = Field(5.0, gt=0, validation_alias="LORABOT_REMOTE_HEARTBEAT_S")
 
     # --- jobs, money and limits ---------------------------------------------------------------
     max_concurrent_jobs: int = Field(4, ge=1, validation_alias="LORABOT_MAX_CONCURRENT_JOBS")

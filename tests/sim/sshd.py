@@ -233,3 +233,28 @@ def run_sshd(base_dir: Path | str, *, start: bool = True, user: str | None = Non
         yield server
     finally:
         server.stop()
+
+
+# --- pytest fixtures (import them into a test module or conftest) ----------------------------------
+try:
+    import pytest
+except ImportError:  # `lorabot demo` outside a dev install
+    pytest = None  # type: ignore[assignment]
+
+if pytest is not None:
+
+    @pytest.fixture
+    def sshd(tmp_path: Path) -> Iterator[SshdServer]:
+        """A running sshd for this test; skipped with a clear reason when sshd is not installed."""
+        if find_sshd() is None:
+            pytest.skip("OpenSSH sshd not installed (apt-get install openssh-server, as .ci/run does)")
+        with run_sshd(tmp_path) as server:
+            yield server
+
+    @pytest.fixture
+    def sshd_stopped(tmp_path: Path) -> Iterator[SshdServer]:
+        """Configured but not started: the port is closed until the test calls start()."""
+        if find_sshd() is None:
+            pytest.skip("OpenSSH sshd not installed (apt-get install openssh-server, as .ci/run does)")
+        with run_sshd(tmp_path, start=False) as server:
+            yield server

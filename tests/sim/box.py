@@ -1,0 +1,133 @@
+"""Lay out a fake rented box on the local machine, behind the sshd of tests/sim/sshd.py.
+
+    <root>/lorabot          remote_root (job folders land in <root>/lorabot/jobs/<job id>/)
+    <root>/ai-toolkit/      aitoolkit_dir, with the stand-in run.py (tests/sim/trainer/run.py)
+    <root>/bin/nvidia-smi   a fake nvidia-smi, for probes that want one
+
+`SimBox.settings_overrides()` gives the Settings fields that point the bot at it (short grace periods,
+the local Python as the box's Python, a probe that checks the trainer is there).
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.ssh import Endpoint
+from tests.sim.sshd import SshdServer
+
+TRAINER_SRC = Path(__file__).parent / "trainer" / "run.py"
+
+_FAKE_NVIDIA_SMI = """#!/bin/sh
+# lorabot sim: a single RTX 4090
+case "$1" in
+  -L) echo "GPU 0: NVIDIA GeForce RTX 4090 (UUID: GPU-00000000-sim0-0000-0000-000000000000)";;
+  *) echo "NVIDIA-SMI 550.00  Driver Version: 550.00  CUDA Version: 12.4"; echo "  0  NVIDIA GeForce RTX 4090";;
+esac
+"""
+
+
+@dataclass
+class SimBox:
+    root: Path
+    remote_root: Path
+    aitoolkit_dir: Path
+    bin_dir: Path
+    python: str
+
+    @property
+    def probe(self) -> str:
+        return shlex.join(["test", "-f", str(self.aitoolkit_dir / "run.py")])
+
+    def set_fault(self, fault: str | None) -> None:
+        """Make every later trainer run fail this way (see run.py's LORABOT_SIM_FAULT), or clear it."""
+        path = self.aitoolkit_dir / "sim_fault"
+        if fault:
+            path.write_text(fault + "\n")
+        else:
+            path.unlink(missing_ok=True)
+
+    def set_sec_per_step(self, seconds: float) -> None:
+        (self.aitoolkit_dir / "sim_sec_per_step").write_text(f"{seconds}\n")
+
+    def settings_overrides(self) -> dict[str, Any]:
+        return {
+            "remote_root": str(self.remote_root),
+            "aitoolkit_dir": str(self.aitoolkit_dir),
+            "remote_python": self.python,
+            "ready_probe": self.probe,
+            "remote_stop_grace_s": 2.0,
+            "remote_kill_grace_s": 1.0,
+            "remote_heartbeat_s": 0.2,
+            "ssh_keepalive_s": 2.0,
+        }
+
+
+def make_box(root: Path, *, python: str | None = None) -> SimBox:
+    """Create (or refresh) the fake box's folders under `root`."""
+    root = Path(root)
+    remote_root = root / "lorabot"
+    aitk = root / "ai-toolkit"
+    bin_dir = root / "bin"
+    for d in (remote_root / "jobs", aitk, bin_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(TRAINER_SRC, aitk / "run.py")
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(_FAKE_NVIDIA_SMI)
+    smi.chmod(0o755)
+    return SimBox(root=root, remote_root=remote_root, aitoolkit_dir=aitk, bin_dir=bin_dir,
+                  python=python or sys.executable)
+
+
+def box_for(sshd: SshdServer, *, python: str | None = None) -> SimBox:
+    return make_box(sshd.info.root_dir, python=python)
+
+
+def endpoint_of(sshd: SshdServer, kind: str = "direct") -> Endpoint:
+    i = sshd.info
+    return Endpoint(host=i.host, port=i.port, user=i.user, kind="proxy" if kind == "proxy" else "direct")
+
+
+def job_config(
+    name: str,
+    *,
+    training_folder: str,
+    dataset: str,
+    steps: int = 20,
+    save_every: int = 10,
+    sample_every: int = 10,
+    prompts: list[str] | None = None,
+    model: str = "black-forest-labs/FLUX.1-dev",
+    trigger: str | None = "sks",
+) -> dict[str, Any]:
+    """A minimal ai-toolkit sd_trainer config following reference §1 (tests render it as JSON)."""
+    return {
+        "job": "extension",
+        "config": {
+            "name": name,
+            "process": [
+                {
+                    "type": "sd_trainer",
+                    "training_folder": training_folder,
+                    "device": "cuda:0",
+                    "trigger_word": trigger,
+                    "network": {"type": "lora", "linear": 16, "linear_alpha": 16},
+                    "save": {"dtype": "float16", "save_every": save_every, "max_step_saves_to_keep": 2},
+                    "datasets": [{"folder_path": dataset, "caption_ext": "txt", "caption_dropout_rate": 0.05,
+                                  "cache_latents_to_disk": True, "resolution": [512, 1024]}],
+                    "train": {"batch_size": 1, "steps": steps, "gradient_checkpointing": True,
+                              "noise_scheduler": "flowmatch", "optimizer": "adamw8bit", "lr": 1e-4,
+                              "dtype": "bf16"},
+                    "model": {"name_or_path": model, "is_flux": True, "quantize": True},
+                    "sample": {"sampler": "flowmatch", "sample_every": sample_every, "width": 1024,
+                               "height": 1024, "prompts": prompts if prompts is not None else ["[trigger] a cat"],
+                               "seed": 42, "walk_seed": True, "guidance_scale": 4, "sample_steps": 20},
+                },
+            ],
+        },
+        "meta": {"name": "[name]", "version": "1.0"},
+    }
