@@ -135,6 +135,16 @@ class Settings(BaseSettings):
     stall_timeout_s: float = Field(900.0, gt=0, validation_alias="LORABOT_STALL_TIMEOUT_S")
     save_partial_on_cancel: bool = Field(True, validation_alias="LORABOT_SAVE_PARTIAL_ON_CANCEL")
     reaper_interval_s: float = Field(300.0, gt=0, validation_alias="LORABOT_REAPER_INTERVAL_S")
+    # how often a running job's log and status are read from the box
+    monitor_interval_s: float = Field(5.0, gt=0, validation_alias="LORABOT_MONITOR_INTERVAL_S")
+    log_snippet_interval_s: float = Field(600.0, gt=0, validation_alias="LORABOT_LOG_SNIPPET_INTERVAL_S")
+    # how long a job may go without reaching its box before it counts as lost (then: one retry elsewhere)
+    ssh_lost_timeout_s: float = Field(300.0, gt=0, validation_alias="LORABOT_SSH_LOST_TIMEOUT_S")
+    # unconfirmed quotes expire; nothing is rented before confirmation
+    confirm_timeout_s: float = Field(600.0, gt=0, validation_alias="LORABOT_CONFIRM_TIMEOUT_S")
+    # credit must cover the quote's high estimate times this factor before renting
+    credit_margin: float = Field(1.5, ge=1.0, validation_alias="LORABOT_CREDIT_MARGIN")
+    lease_s: float = Field(60.0, gt=1, validation_alias="LORABOT_LEASE_S")
     # seconds per training step of an RTX 4090 at 1024 px; the quote scales it by resolution
     sec_per_step_4090: float = Field(1.6, gt=0, validation_alias="LORABOT_SEC_PER_STEP_4090")
 

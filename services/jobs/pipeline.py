@@ -1,0 +1,690 @@
+"""One job through its states: rent -> wait ready -> ship -> train -> collect -> destroy -> report.
+
+The pipeline is a loop over the persisted state, so a restarted process resumes a job from wherever
+it was: a job in `training` re-attaches to its box through the pinned SSH endpoint and reads the
+supervisor's log on from the stored offset. Every transition is written before the side effect it
+guards (the label before the rental, `training` before the launch), and every way out of the loop
+(success, failure, cancel) destroys the instance and settles the cost. Only a shutdown of the
+process itself (asyncio cancellation) leaves the box running, on purpose: the next start re-attaches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import posixpath
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services import progress as prog
+from services.jobs.errors import InfraFailure, JobCancelled, JobFailure
+from services.jobs.events import (
+    Cancelled,
+    CheckpointSaved,
+    CostUpdate,
+    Failed,
+    Finished,
+    JobEvent,
+    LogSnippet,
+    Notifier,
+    Progress,
+    Readiness,
+    SampleImage,
+    StateChanged,
+)
+from services.jobs.model import Job, JobState
+from services.jobs.store import JobStore
+from services.recipe import FluxRecipe, expected_outputs, render_config
+from services.remote.driver import RemoteJob, RemoteStatus
+from services.settings import Settings, redact
+from services.ssh import Box, Endpoint, ReadinessDeadlines, ReadinessError, SSHError, wait_ready
+from services.storage import Storage, StorageError, job_keys
+from services.vastai import InstanceStatus, NoOffers, OfferQuery, VastClient, VastError, rent
+from services.vastai.errors import InsufficientCredit, VastAuthError
+
+log = logging.getLogger(__name__)
+
+UPLOADER = Path(__file__).resolve().parent.parent / "remote" / "upload_presigned.py"
+S = JobState
+
+
+@dataclass
+class Deps:
+    """What a pipeline needs from the outside world; one set per worker."""
+
+    settings: Settings
+    store: JobStore
+    vast: VastClient
+    storage: Storage | None
+    notifier: Notifier
+
+
+def job_name(job: Job) -> str:
+    """ai-toolkit's `name`: unique per job, or a re-used name silently resumes an old run."""
+    return f"lora_{job.id}"
+
+
+def label_for(settings: Settings, job: Job, attempt: int) -> str:
+    return f"{settings.label_prefix}{job.id}" + ("" if attempt <= 1 else f"-{attempt}")
+
+
+def job_id_from_label(settings: Settings, label: str | None) -> str | None:
+    if not label or not label.startswith(settings.label_prefix):
+        return None
+    return label[len(settings.label_prefix):].split("-", 1)[0] or None
+
+
+class Pipeline:
+    def __init__(self, deps: Deps, job_id: str, *, cancel: asyncio.Event | None = None) -> None:
+        self.d = deps
+        self.s = deps.settings
+        self.job_id = job_id
+        self.cancel_event = cancel or asyncio.Event()
+        self.cancelled_by = ""
+        self._box: Box | None = None
+        self._remote: RemoteJob | None = None
+        self._parser: prog.ProgressParser | None = None
+        self._loss_curve: list[tuple[int, float]] = []
+        self._last_failure: prog.Failure | None = None
+        self._work = Path(self.s.work_dir) / job_id
+
+    # --- plumbing -----------------------------------------------------------------------------
+    async def _emit(self, job: Job, event: JobEvent) -> None:
+        try:
+            await self.d.notifier.notify(job, event)
+        except Exception:  # a chat outage never stops a paid job
+            log.exception("notifier failed for job %s", job.id)
+
+    async def _to(self, job: Job, dst: JobState, reason: str, **fields: Any) -> Job:
+        job = await self.d.store.transition(job.id, dst, reason, **fields)
+        await self._emit(job, StateChanged(dst, reason))
+        return job
+
+    def request_cancel(self, by: str = "") -> None:
+        self.cancelled_by = by
+        self.cancel_event.set()
+
+    async def _check_cancel(self, job: Job | None = None) -> None:
+        if not self.cancel_event.is_set():
+            fresh = job or await self.d.store.require(self.job_id)
+            if fresh.cancel_requested:  # asked from another process (`lorabot cancel`)
+                self.cancel_event.set()
+        if self.cancel_event.is_set():
+            raise JobCancelled(self.cancelled_by)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once on cancel."""
+        try:
+            await asyncio.wait_for(self.cancel_event.wait(), timeout=seconds)
+        except TimeoutError:
+            return
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self.s.secret_values())
+
+    # --- the loop -----------------------------------------------------------------------------
+    async def run(self) -> Job:
+        job = await self.d.store.require(self.job_id)
+        try:
+            while not job.state.terminal:
+                await self._check_cancel(job)
+                if job.state in (S.QUEUED, S.RENTING):
+                    job = await self._rent(job)
+                elif job.state == S.WAITING_READY:
+                    job = await self._wait_ready(job)
+                elif job.state == S.UPLOADING:
+                    job = await self._ship(job)
+                elif job.state == S.TRAINING:
+                    job = await self._train(job)
+                elif job.state == S.COLLECTING:
+                    job = await self._collect(job)
+                elif job.state == S.PREPARED:
+                    return job  # `lorabot launch`: an operator drives the box; cancel or the reaper end it
+                else:
+                    raise JobFailure("internal", f"the pipeline cannot run a job in state {job.state}")
+            return job
+        except JobCancelled as exc:
+            return await self._finish_cancelled(exc.by)
+        except JobFailure as exc:
+            return await self._failed(exc)
+        except asyncio.CancelledError:
+            raise  # process shutdown: the box keeps training, the next start re-attaches
+        except Exception as exc:
+            log.exception("job %s crashed", self.job_id)
+            return await self._failed(JobFailure("internal", f"internal error: {type(exc).__name__}: {exc}"))
+        finally:
+            await self._close_box()
+
+    # --- rent ---------------------------------------------------------------------------------
+    def _query(self, job: Job) -> OfferQuery:
+        cap = min(job.max_price or self.s.max_price, self.s.max_price)
+        return OfferQuery(
+            gpu_name=self.s.gpu_name,
+            num_gpus=1,
+            max_dph=cap,
+            min_reliability=self.s.min_reliability,
+            min_inet_down=self.s.min_inet_down,
+            min_disk_gb=self.s.disk_gb,
+            min_cuda=self.s.min_cuda,
+            exclude_machine_ids=list(job.excluded_machines),
+            limit=max(20, self.s.rent_attempts * 2),
+        )
+
+    def _public_key(self) -> str:
+        pub = Path(str(self.s.ssh_key_path) + ".pub")
+        try:
+            return pub.read_text().strip()
+        except OSError:
+            raise JobFailure("config", f"VASTAI_SSH_KEY_PATH: cannot read the public key {pub}") from None
+
+    async def _rent(self, job: Job) -> Job:
+        if job.state == S.QUEUED:
+            label = label_for(self.s, job, job.attempt)
+            # the label is stored before the create: a crash after it still finds the machine
+            job = await self._to(job, S.RENTING, f"renting (attempt {job.attempt})", label=label,
+                                 started_at=job.started_at or time.time())
+        assert job.label is not None
+        await self._emit(job, Readiness("renting", f"looking for a {self.s.gpu_name}"))
+        pub = self._public_key()
+        query = self._query(job)
+        try:
+            offers = await self.d.vast.search_offers(query)
+            if not offers:
+                raise NoOffers("no offer under the price cap right now")
+            hours = float(job.quote.get("hours_high") or 1.0)
+            need = offers[0].dph_total * hours * self.s.credit_margin
+            credit = (await self.d.vast.balance()).credit
+            if credit < need:
+                raise InsufficientCredit(f"Vast.ai credit ${credit:.2f} is below the ${need:.2f} this job may cost")
+            await self.d.vast.ensure_ssh_key(pub)
+            result = await rent(self.d.vast, label=job.label, image=self.s.image, disk_gb=self.s.disk_gb,
+                                offers=offers, attempts=self.s.rent_attempts)
+        except (NoOffers, InsufficientCredit, VastAuthError) as exc:
+            raise JobFailure("no_offers" if isinstance(exc, NoOffers) else "account", str(exc)) from None
+        except VastError as exc:
+            raise JobFailure("provider", f"Vast.ai: {exc}") from None
+        inst = await self.d.vast.show_instance(result.instance_id)
+        rented_at = (inst.start_date if inst and inst.start_date else None) or time.time()
+        job = await self.d.store.update(
+            job.id, instance_id=result.instance_id, offer_id=result.offer_id or job.offer_id,
+            machine_id=result.machine_id, dph_total=result.dph_total or (inst.dph_total if inst else None),
+            gpu_name=result.gpu_name or self.s.gpu_name, rented_at=rented_at, instance_gone_at=None,
+        )
+        try:
+            await self.d.vast.attach_ssh_key(result.instance_id, pub)
+        except VastError as exc:
+            log.warning("could not attach the SSH key to %s: %s", result.instance_id, exc)
+        where = f" in {result.geolocation}" if result.geolocation else ""
+        job = await self._to(job, S.WAITING_READY, f"rented instance {result.instance_id} at ${job.dph_total}/h")
+        await self._emit(job, Readiness("rented", f"{job.gpu_name}{where} at ${job.dph_total:.3f}/h"))
+        return job
+
+    # --- wait until the box is usable ---------------------------------------------------------
+    async def _wait_ready(self, job: Job) -> Job:
+        assert job.instance_id is not None
+        instance_id = job.instance_id
+
+        async def api_poll() -> list[Endpoint] | None:
+            await self._check_cancel()
+            inst = await self.d.vast.show_instance(instance_id)
+            if inst is None:
+                raise InfraFailure("instance_gone", f"instance {instance_id} disappeared while starting")
+            if inst.status.failed:
+                raise InfraFailure("instance_failed", f"instance {instance_id} is {inst.status}: {inst.status_msg}")
+            if inst.status == InstanceStatus.RUNNING and inst.endpoints():
+                return [Endpoint(e.host, e.port, e.user, e.kind) for e in inst.endpoints()]
+            return None
+
+        async def on_stage(stage: str, detail: str) -> None:
+            await self._emit(job, Readiness(stage, detail))
+
+        total = self.s.ready_timeout_s
+        deadlines = ReadinessDeadlines(api=total, tcp=total / 2, auth=total / 2, probe=total / 4)
+        try:
+            ready = await wait_ready(
+                [], self.s.ssh_key_path, probe=self.s.ready_probe, deadlines=deadlines,
+                known_host_key=job.host_key, on_stage=on_stage, api_poll=api_poll,
+                connect_timeout=self.s.ssh_connect_timeout_s,
+            )
+        except ReadinessError as exc:
+            raise InfraFailure("not_ready", f"the machine never became usable: {exc}") from None
+        ep = ready.endpoint
+        job = await self._to(job, S.UPLOADING, f"ready at {ep}", ssh_host=ep.host, ssh_port=ep.port,
+                             ssh_kind=ep.kind, host_key=ready.host_key)
+        await self._emit(job, Readiness("ready", str(ep)))
+        return job
+
+    # --- SSH ----------------------------------------------------------------------------------
+    async def _connect(self, job: Job) -> Box:
+        if self._box is not None and self._box.connected:
+            return self._box
+        if not (job.ssh_host and job.ssh_port and job.host_key):
+            raise InfraFailure("ssh_lost", "no pinned SSH endpoint for this job")
+        endpoint = Endpoint(job.ssh_host, job.ssh_port, "root", "proxy" if job.ssh_kind == "proxy" else "direct")
+        deadline = time.monotonic() + self.s.ssh_lost_timeout_s
+        delay = 0.5
+        while True:
+            try:
+                self._box = await Box.connect(endpoint, self.s.ssh_key_path, job.host_key,
+                                              connect_timeout=self.s.ssh_connect_timeout_s,
+                                              python=self.s.remote_python)
+                self._remote = None
+                return self._box
+            except SSHError as exc:
+                await self._ensure_instance_alive(job)
+                if time.monotonic() > deadline:
+                    raise InfraFailure("ssh_lost", f"lost SSH to the machine for good: {exc}") from None
+                await self._check_cancel()
+                await self._sleep(delay)
+                delay = min(delay * 2, 15.0)
+
+    async def _remote_job(self, job: Job) -> RemoteJob:
+        box = await self._connect(job)
+        if self._remote is None or self._remote.box is not box:
+            self._remote = RemoteJob(box, self._remote_dir(job), self.s)
+        return self._remote
+
+    async def _close_box(self) -> None:
+        if self._box is not None:
+            try:
+                await self._box.close()
+            except Exception:  # closing a dead connection is not an error worth reporting
+                log.debug("closing the SSH connection failed", exc_info=True)
+            self._box, self._remote = None, None
+
+    async def _ensure_instance_alive(self, job: Job) -> None:
+        if job.instance_id is None:
+            return
+        try:
+            inst = await self.d.vast.show_instance(job.instance_id)
+        except VastError:
+            return  # the API being down says nothing about the box
+        if inst is None:
+            raise InfraFailure("instance_gone", f"instance {job.instance_id} disappeared")
+        if inst.status.failed:
+            raise InfraFailure("instance_failed", f"instance {job.instance_id} is {inst.status}")
+
+    async def _remote_call(self, job: Job, what: str, fn: Any) -> Any:
+        """Run `fn(remote)`, reconnecting through drops until the SSH-lost deadline."""
+        deadline = time.monotonic() + self.s.ssh_lost_timeout_s
+        while True:
+            remote = await self._remote_job(job)
+            try:
+                return await fn(remote)
+            except SSHError as exc:
+                log.info("job %s: %s failed (%s); reconnecting", job.id, what, exc)
+                await self._close_box()
+                await self._ensure_instance_alive(job)
+                if time.monotonic() > deadline:
+                    raise InfraFailure("ssh_lost", f"lost SSH to the machine for good during {what}") from None
+                await self._check_cancel()
+                await self._sleep(1.0)
+
+    def _remote_dir(self, job: Job) -> str:
+        return posixpath.join(self.s.remote_root, "jobs", job.id)
+
+    def _paths(self, job: Job) -> tuple[str, str, str]:
+        root = self._remote_dir(job)
+        return root, f"{root}/dataset", f"{root}/output"
+
+    # --- ship ---------------------------------------------------------------------------------
+    def _manifest(self, job: Job) -> Any:
+        from services.dataset.manifest import Manifest
+
+        if not job.dataset_dir:
+            raise JobFailure("user", "the job has no dataset")
+        path = Path(job.dataset_dir).parent / "manifest.json"
+        try:
+            return Manifest.model_validate_json(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise JobFailure("user", f"the dataset manifest is missing or unreadable: {exc}") from None
+
+    def _config_text(self, job: Job) -> str:
+        _, dataset, output = self._paths(job)
+        recipe = FluxRecipe.model_validate(job.recipe)
+        return render_config(recipe, job_name=job_name(job), dataset_dir=dataset, training_folder=output, fmt="yaml")
+
+    async def _ship(self, job: Job) -> Job:
+        manifest = self._manifest(job)
+        config_text = self._config_text(job)
+        root, dataset_dir, output = self._paths(job)
+        assert job.dataset_dir is not None
+        folder = Path(job.dataset_dir)
+        mb = manifest.total_bytes / 1e6
+        await self._emit(job, Readiness("uploading", f"{len(manifest.files)} files, {mb:.1f} MB"))
+        t0 = time.monotonic()
+
+        async def ship(remote: RemoteJob) -> None:
+            await remote.box.upload_dataset(folder, manifest, dataset_dir)
+            env = {"HF_TOKEN": self.s.hf_token.get_secret_value()} if self.s.hf_token else {}
+            await remote.install(config_text, env)
+            await remote.box.put_file(UPLOADER, f"{root}/upload_presigned.py", 0o755)
+            await self._restore_checkpoint(job, remote, output)
+
+        try:
+            await self._remote_call(job, "upload", ship)
+        except SSHError as exc:  # a checksum mismatch after retries: the link corrupts data
+            raise InfraFailure("upload", f"dataset upload failed: {exc}") from None
+        measured = dict(job.measured, upload_s=round(time.monotonic() - t0, 3))
+        await self._emit(job, Readiness("uploaded", f"{mb:.1f} MB verified on the box"))
+        if not job.train:
+            return await self._to(job, S.PREPARED, "shipped; not training (launch)", remote_dir=root,
+                                  measured=measured)
+        job = await self._to(job, S.TRAINING, "launching the trainer", remote_dir=root, measured=measured,
+                             log_offset=0)
+        return job
+
+    async def _restore_checkpoint(self, job: Job, remote: RemoteJob, output: str) -> None:
+        """On a retry, put the last backed-up checkpoint where ai-toolkit resumes from it."""
+        key = job.artifacts.get("checkpoint")
+        if not key or self.d.storage is None:
+            return
+        link = await self.d.storage.link(key, expires_s=3600)
+        name = job_name(job)
+        dest_dir = f"{output}/{name}"
+        dest = f"{dest_dir}/{posixpath.basename(key)}"
+        await remote.box.run(["mkdir", "-p", "--", dest_dir])
+        res = await remote.box.run(["curl", "-fsS", "--retry", "3", "-o", dest, "--", link.url], check=False,
+                                   timeout=1800)
+        if res.exit_status == 0:
+            await self._emit(job, Readiness("resuming", f"from checkpoint {posixpath.basename(key)}"))
+
+    # --- train --------------------------------------------------------------------------------
+    async def _train(self, job: Job) -> Job:
+        t0 = time.monotonic()
+        status: RemoteStatus = await self._remote_call(job, "launch", lambda r: r.launch())
+        if status.launched:
+            await self._emit(job, Readiness("launched", "trainer started"))
+        self._parser = prog.ProgressParser(job_name(job))
+        offset = job.log_offset
+        last_output = time.monotonic()
+        last_saved = 0.0
+        last_snippet = time.monotonic()
+        last_api_check = time.monotonic()
+        started = job.started_at or time.time()
+        while True:
+            await self._check_cancel()
+            data, new_offset = await self._remote_call(job, "read log", lambda r, o=offset: r.read_log(o))
+            now = time.monotonic()
+            if data:
+                last_output = now
+                job = await self._handle(job, self._parser.feed(data))
+            if new_offset != offset or now - last_saved > 10:
+                offset = new_offset
+                job = await self.d.store.update(job.id, log_offset=offset, last_output_at=time.time(),
+                                                cost_usd=job.cost_usd)
+                last_saved = now
+            status = await self._remote_call(job, "status", lambda r: r.status())
+            if status.done:
+                data, offset = await self._remote_call(job, "read log", lambda r, o=offset: r.read_log(o, 1 << 24))
+                job = await self._handle(job, self._parser.feed(data) + self._parser.close())
+                job = await self.d.store.update(job.id, log_offset=offset)
+                break
+            if status.lost:
+                raise InfraFailure("supervisor_lost", "the supervisor on the box died (box restarted?)")
+            if now - last_snippet > self.s.log_snippet_interval_s:
+                last_snippet = now
+                await self._emit(job, LogSnippet(self._redact("\n".join(self._parser.tail()[-15:]))))
+            if now - last_api_check > 60:
+                last_api_check = now
+                await self._ensure_instance_alive(job)
+                await self._emit(job, CostUpdate(job.cost_so_far(), job.dph_total or 0.0))
+            await self._limits(job, started, now - last_output)
+            await self._sleep(self.s.monitor_interval_s)
+        measured = dict(job.measured, train_s=round(time.monotonic() - t0, 3))
+        if job.sec_per_step:
+            measured["sec_per_step"] = job.sec_per_step
+        out = expected_outputs(job_name(job), self._paths(job)[2])
+        tail = "\n".join(self._parser.tail())
+        exists = await self._remote_call(job, "check result", lambda r: r.box.exists(out.final_lora))
+        outcome = prog.classify_exit(status.exit_code, exists, tail)
+        if not outcome.success:
+            kind = outcome.kind.value if outcome.kind else "unknown"
+            raise JobFailure(kind, f"training failed: {outcome.reason}", last_lines=self._redact(tail[-1500:]))
+        return await self._to(job, S.COLLECTING, "training finished", measured=measured)
+
+    async def _limits(self, job: Job, started: float, silent_s: float) -> None:
+        async def stop_and_fail(kind: str, message: str) -> None:
+            await self._remote_call(job, "stop", lambda r: r.stop())
+            tail = "\n".join(self._parser.tail()) if self._parser else ""
+            raise JobFailure(kind, message, last_lines=self._redact(tail[-1500:]))
+
+        if silent_s > self.s.stall_timeout_s:
+            phase = self._parser.phase.value if self._parser and self._parser.phase else "unknown"
+            await stop_and_fail("stalled", f"no output for {silent_s / 60:.0f} min while {phase}: stopped")
+        if time.time() - started > self.s.max_runtime_s:
+            await stop_and_fail("max_runtime", f"ran longer than {self.s.max_runtime_s / 3600:.1f} h: stopped")
+        if job.cost_so_far() > self.s.max_job_cost:
+            await stop_and_fail("max_cost", f"cost passed the ${self.s.max_job_cost:.2f} cap: stopped")
+
+    async def _handle(self, job: Job, events: list[prog.ProgressEvent]) -> Job:
+        last_step: prog.Step | None = None
+        for ev in events:
+            if isinstance(ev, prog.Step):
+                last_step = ev
+                if ev.loss is not None:
+                    self._loss_curve.append((ev.step, ev.loss))
+            elif isinstance(ev, prog.PhaseChanged):
+                job = await self.d.store.update(job.id, phase=ev.phase.value)
+                await self._emit(job, Readiness(ev.phase.value, ev.detail))
+            elif isinstance(ev, prog.DownloadProgress):
+                done_gb, total_gb = ev.bytes_done / 1e9, ev.bytes_total / 1e9
+                await self._emit(job, Readiness("downloading", f"{done_gb:.1f}/{total_gb:.1f} GB"))
+            elif isinstance(ev, prog.CheckpointSaved) and not ev.final:
+                backed = await self._backup_checkpoint(job, ev.path)
+                job = await self.d.store.require(job.id)
+                await self._emit(job, CheckpointSaved(ev.step or 0, backed))
+            elif isinstance(ev, prog.SampleWritten):
+                await self._fetch_sample(job, ev)
+            elif isinstance(ev, prog.Failure):
+                self._last_failure = ev
+        if last_step is not None:
+            job = await self.d.store.update(
+                job.id, step=last_step.step, total_steps=last_step.total, loss=last_step.loss,
+                sec_per_step=last_step.sec_per_it, eta_s=last_step.eta_s, phase="training",
+            )
+            await self._emit(job, Progress("training", last_step.step, last_step.total, last_step.loss,
+                                           last_step.sec_per_it, last_step.eta_s, job.cost_so_far()))
+        return job
+
+    async def _fetch_sample(self, job: Job, ev: prog.SampleWritten) -> None:
+        out = expected_outputs(job_name(job), self._paths(job)[2])
+        remote = ev.path if ev.path.startswith("/") else f"{out.samples_dir}/{posixpath.basename(ev.path)}"
+        local = self._work / "samples" / posixpath.basename(remote)
+        try:
+            await self._remote_call(job, "download sample", lambda r: r.box.download(remote, local))
+        except SSHError as exc:
+            log.info("sample %s not fetched: %s", remote, exc)
+            return
+        await self._emit(job, SampleImage(local, ev.step))
+
+    async def _backup_checkpoint(self, job: Job, path: str) -> bool:
+        if not (self.s.backup_checkpoints and self.d.storage):
+            return False
+        keys = job_keys(job.user_id or "anonymous", job.id, job_name(job))
+        key = keys.checkpoint(posixpath.basename(path))
+        try:
+            await self._upload_from_box(job, path, key)
+        except (SSHError, StorageError, JobFailure) as exc:
+            log.warning("checkpoint backup of %s failed: %s", path, exc)
+            return False
+        job = await self.d.store.require(job.id)
+        await self.d.store.update(job.id, artifacts={**job.artifacts, "checkpoint": key})
+        return True
+
+    async def _upload_from_box(self, job: Job, path: str, key: str) -> None:
+        """Box -> R2 through a presigned PUT (no keys on the box); else SSH download + upload."""
+        storage = self.d.storage
+        assert storage is not None
+        root = self._remote_dir(job)
+
+        async def direct(remote: RemoteJob) -> None:
+            res = await remote.box.run([self.s.remote_python, f"{root}/upload_presigned.py", "sha256", path])
+            info = json.loads(res.stdout.strip().splitlines()[-1])
+            sha, size = str(info["sha256"]), int(info["size"])
+            put = await storage.presign_put(key, expires_s=3600, sha256=sha)
+            argv = [self.s.remote_python, f"{root}/upload_presigned.py", "put", path, put.url]
+            for name, value in put.headers.items():
+                argv += ["-H", f"{name}: {value}"]
+            await remote.box.run(argv, timeout=3600)
+            await storage.verify(key, size, sha)
+
+        try:
+            await self._remote_call(job, f"upload {posixpath.basename(path)}", direct)
+            return
+        except (SSHError, StorageError, ValueError, KeyError) as exc:
+            log.info("direct upload of %s failed (%s); falling back to SSH download", path, exc)
+        local = self._work / "collect" / posixpath.basename(path)
+        await self._remote_call(job, "download", lambda r: r.box.download(path, local))
+        await storage.upload_file(local, key)
+
+    # --- collect ------------------------------------------------------------------------------
+    async def _collect(self, job: Job) -> Job:
+        t0 = time.monotonic()
+        await self._emit(job, Readiness("collecting", "storing the LoRA"))
+        name = job_name(job)
+        output = self._paths(job)[2]
+        out = expected_outputs(name, output)
+        lora_name = (job.name or name).replace(" ", "_")
+        keys = job_keys(job.user_id or "anonymous", job.id, lora_name)
+        if self.d.storage is None:
+            raise JobFailure("config", "R2 is not configured (R2_BUCKET and keys): the LoRA cannot be stored")
+        storage = self.d.storage
+        try:
+            await self._upload_from_box(job, out.final_lora, keys.lora)
+            await storage.upload_bytes(self._config_text(job).encode(), keys.config)
+            log_local = self._work / "collect" / "log.txt"
+            remote = await self._remote_job(job)
+            await self._remote_call(job, "download log", lambda r: r.box.download(remote.log_path, log_local))
+            redacted = self._redact(log_local.read_text(errors="replace"))
+            await storage.upload_bytes(redacted.encode(), keys.log)
+            samples = sorted((self._work / "samples").glob("*")) if (self._work / "samples").exists() else []
+            links: dict[str, str] = {}
+            for sample in samples[-12:]:
+                await storage.upload_file(sample, keys.sample(sample.name))
+            assert job.dataset_dir is not None
+            manifest_path = Path(job.dataset_dir).parent / "manifest.json"
+            await storage.upload_file(manifest_path, keys.manifest)
+            link = await storage.link(keys.lora, expires_s=self.s.link_expiry_s)
+            links["lora"] = link.url
+        except (StorageError, SSHError, OSError) as exc:
+            raise InfraFailure("collect", f"could not store the results: {exc}") from None
+        expires = link.expires_at.timestamp() if link.expires_at else None
+        measured = dict(job.measured, collect_s=round(time.monotonic() - t0, 3))
+        job = await self.d.store.update(job.id, lora_key=keys.lora, lora_url=link.url, link_expires_at=expires,
+                                        artifacts={**job.artifacts, "lora": keys.lora, "log": keys.log,
+                                                   "config": keys.config}, measured=measured)
+        job = await self._destroy(job)
+        summary = {
+            "job_id": job.id, "name": job.name, "trigger_word": job.trigger_word, "steps": job.total_steps,
+            "final_loss": job.loss, "cost_usd": job.cost_so_far(), "gpu": job.gpu_name, "dph_total": job.dph_total,
+            "lora_key": keys.lora, "measured": job.measured, "quote": job.quote,
+        }
+        try:
+            await storage.upload_bytes(json.dumps(summary, indent=2).encode(), keys.job)
+        except StorageError as exc:
+            log.warning("job.json not stored: %s", exc)
+        job = await self._to(job, S.SUCCEEDED, "LoRA stored", cost_usd=job.cost_so_far())
+        duration = (job.finished_at or time.time()) - (job.started_at or job.created_at)
+        await self._emit(job, Finished(link.url, expires, duration, job.cost_so_far(), job.loss,
+                                       list(self._loss_curve), links))
+        return job
+
+    # --- endings ------------------------------------------------------------------------------
+    async def _destroy(self, job: Job) -> Job:
+        """Destroy the rented machine (verified) and settle its cost; retried, never skipped."""
+        if job.instance_id is None or job.instance_gone_at is not None:
+            return job
+        last: Exception | None = None
+        for attempt in range(5):
+            try:
+                await self.d.vast.destroy_instance(job.instance_id)
+                break
+            except VastError as exc:
+                last = exc
+                await asyncio.sleep(min(2**attempt, 10))
+        else:
+            raise JobFailure("destroy", f"instance {job.instance_id} could not be destroyed: {last}")
+        now = time.time()
+        cost = job.cost_so_far(now)
+        billed = job.rental_seconds(now)
+        return await self.d.store.update(job.id, instance_gone_at=now, cost_usd=cost, billed_s=billed,
+                                         rented_at=None)
+
+    async def _safe_destroy(self, job: Job) -> tuple[Job, str]:
+        try:
+            return await self._destroy(job), ""
+        except (JobFailure, VastError) as exc:
+            log.error("job %s: %s", job.id, exc)
+            return job, f"; WARNING: instance {job.instance_id} not destroyed yet, the reaper will retry"
+
+    async def _finish_cancelled(self, by: str) -> Job:
+        job = await self.d.store.require(self.job_id)
+        if job.state.terminal:
+            return job
+        partial_url = None
+        if job.state == S.TRAINING and job.host_key:
+            partial_url = await self._stop_for_cancel(job)
+        destroyed = job.instance_id if job.instance_gone_at is None else None
+        job, warn = await self._safe_destroy(job)
+        reason = (f"cancelled by {by}" if by else "cancelled") + warn
+        job = await self._to(job, S.CANCELLED, reason, cost_usd=job.cost_so_far(), failure_kind="cancelled")
+        await self._emit(job, Cancelled(job.cost_so_far(), destroyed if not warn else None, partial_url))
+        return job
+
+    async def _stop_for_cancel(self, job: Job) -> str | None:
+        """Ask the trainer to stop; with save-partial on, store the newest checkpoint."""
+        try:
+            remote = await asyncio.wait_for(self._remote_job(job), timeout=30)
+            await remote.stop()
+            if not (self.s.save_partial_on_cancel and self.d.storage):
+                return None
+            out = expected_outputs(job_name(job), self._paths(job)[2])
+            res = await remote.box.run(["sh", "-c", 'ls -1t -- "$1"/*.safetensors 2>/dev/null | head -n 1',
+                                        "sh", out.output_dir], check=False)
+            newest = res.stdout.strip()
+            if not newest:
+                return None
+            keys = job_keys(job.user_id or "anonymous", job.id, f"{job.name or job_name(job)}_partial")
+            await self._upload_from_box(job, newest, keys.lora)
+            link = await self.d.storage.link(keys.lora, expires_s=self.s.link_expiry_s)
+            await self.d.store.update(job.id, artifacts={**job.artifacts, "partial": keys.lora})
+            return link.url
+        except (SSHError, StorageError, JobFailure, TimeoutError) as exc:
+            log.warning("job %s: no partial LoRA saved: %s", job.id, exc)
+            return None
+
+    async def _failed(self, exc: JobFailure) -> Job:
+        job = await self.d.store.require(self.job_id)
+        if job.state.terminal:
+            return job
+        if exc.retryable and job.attempt < 2 and not self.cancel_event.is_set() and job.state.holds_instance:
+            return await self._retry(job, exc)
+        job, warn = await self._safe_destroy(job)
+        reason = exc.message + warn
+        job = await self._to(job, S.FAILED, reason, failure_kind=exc.kind, cost_usd=job.cost_so_far())
+        await self._emit(job, Failed(reason, exc.kind, exc.last_lines, job.cost_so_far()))
+        return job
+
+    async def _retry(self, job: Job, exc: JobFailure) -> Job:
+        """One more try on another machine; never when the failed one could not be destroyed."""
+        await self._close_box()
+        try:
+            job = await self._destroy(job)
+        except JobFailure as destroy_error:
+            return await self._failed(JobFailure(exc.kind, f"{exc.message}; {destroy_error}"))
+        await self._emit(job, Failed(exc.message, exc.kind, exc.last_lines, job.cost_so_far(), retrying=True))
+        excluded = [*job.excluded_machines, *([job.machine_id] if job.machine_id else [])]
+        dst = S.QUEUED if job.state == S.RENTING else S.RENTING
+        attempt = job.attempt + 1
+        job = await self._to(
+            job, dst, f"retrying on another machine after: {exc.message}", attempt=attempt,
+            excluded_machines=excluded, instance_id=None, machine_id=None, offer_id=None, ssh_host=None,
+            ssh_port=None, host_key=None, instance_gone_at=None, rented_at=None, log_offset=0, step=0,
+            label=label_for(self.s, job, attempt),
+        )
+        self._parser = None
+        return await self.run()

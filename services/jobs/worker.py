@@ -1,0 +1,354 @@
+"""The worker: a queue with concurrency limits, recovery on start, a reaper, cancel from anywhere.
+
+Several processes may share one store (the Discord bot and `lorabot` commands). A job is driven by
+exactly one worker at a time: the one holding its lease (owner + owner_seen_at, renewed every few
+seconds). A process that stops gracefully leaves its jobs training on their boxes; whoever starts
+next (or notices the lease expire) re-attaches. A cancel asked where the job is not driven is
+written to the store (`cancel_requested`) and the driving worker acts on it; when no live worker
+drives it, the asking process runs the cancel itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from services.jobs.errors import JobRefused
+from services.jobs.events import Cancelled, Notifier, Queued
+from services.jobs.model import Job, JobState
+from services.jobs.pipeline import Deps, Pipeline, job_id_from_label
+from services.jobs.store import JobStore
+from services.settings import Settings
+from services.storage import Storage
+from services.vastai import Instance, VastClient, VastError
+
+log = logging.getLogger(__name__)
+S = JobState
+
+
+@dataclass
+class CancelResult:
+    job: Job
+    destroyed_instance_id: int | None
+    cost_usd: float
+
+
+def day_start(now: float | None = None) -> float:
+    d = datetime.fromtimestamp(now or time.time(), UTC)
+    return d.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
+class Worker:
+    def __init__(
+        self,
+        store: JobStore,
+        settings: Settings,
+        notifier: Notifier,
+        *,
+        vast_factory: Callable[[], VastClient] | None = None,
+        storage: Storage | None = None,
+        owner: str | None = None,
+        reaper: bool = True,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.notifier = notifier
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._vast_factory = vast_factory or (lambda: VastClient.from_settings(settings))
+        self._storage = storage
+        self._reaper_enabled = reaper
+        self.vast: VastClient | None = None
+        self._pending: list[str] = []  # queued job ids, in order
+        self._running: dict[str, tuple[asyncio.Task[Job], Pipeline]] = {}
+        self._users: dict[str, str] = {}  # job id -> user id of running jobs
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def start(self, *, recover: bool = True) -> None:
+        if self._started:
+            return
+        self.vast = self._vast_factory()
+        if self._storage is None and self.settings.r2_bucket:
+            self._storage = Storage.from_settings(self.settings)
+        self._started = True
+        if recover:
+            await self.recover()
+        self._tasks.append(asyncio.create_task(self._scheduler(), name="lorabot-scheduler"))
+        self._tasks.append(asyncio.create_task(self._leases(), name="lorabot-leases"))
+        if self._reaper_enabled:
+            self._tasks.append(asyncio.create_task(self._reaper_loop(), name="lorabot-reaper"))
+
+    async def stop(self) -> None:
+        """Graceful: running jobs keep training on their boxes; their leases are released."""
+        for task in self._tasks:
+            task.cancel()
+        for task, _ in list(self._running.values()):
+            task.cancel()
+        running = [t for t, _ in self._running.values()]
+        await asyncio.gather(*self._tasks, *running, return_exceptions=True)
+        for job_id in list(self._running):
+            with contextlib.suppress(Exception):
+                await self.store.release(job_id, self.owner)
+        self._running.clear()
+        self._tasks.clear()
+        if self.vast is not None:
+            await self.vast.aclose()
+            self.vast = None
+        self._started = False
+
+    @property
+    def deps(self) -> Deps:
+        if self.vast is None:
+            raise RuntimeError("the worker is not started")
+        return Deps(self.settings, self.store, self.vast, self._storage, self.notifier)
+
+    # --- queue --------------------------------------------------------------------------------
+    async def check_budget(self, job: Job) -> None:
+        """Refuse a job that would go past the user's daily or the global budget."""
+        s = self.settings
+        since = day_start()
+        est = float(job.quote.get("cost_high") or 0.0)
+        user_spent = await self.store.spent_since(since, job.user_id)
+        if user_spent + est > s.user_daily_budget:
+            raise JobRefused(f"daily budget reached: ${user_spent:.2f} spent today, this job may cost ${est:.2f}, "
+                             f"the limit is ${s.user_daily_budget:.2f} per user")
+        total = await self.store.spent_since(since)
+        if total + est > s.global_daily_budget:
+            raise JobRefused(f"the server's daily budget (${s.global_daily_budget:.2f}) is used up; try tomorrow")
+
+    async def submit(self, job_id: str) -> int:
+        """Queue a confirmed job; returns its queue position (1 = next)."""
+        job = await self.store.require(job_id)
+        if job.state in (S.VALIDATING, S.AWAITING_CONFIRMATION):
+            await self.check_budget(job)
+            job = await self.store.transition(job.id, S.QUEUED, "confirmed")
+        elif job.state != S.QUEUED:
+            raise JobRefused(f"job {job.id} is {job.state.value}, not waiting to start")
+        if job.id not in self._pending and job.id not in self._running:
+            self._pending.append(job.id)
+        position = self.queue_position(job.id) or 1
+        try:
+            await self.notifier.notify(job, Queued(position))
+        except Exception:
+            log.exception("notifier failed")
+        self._wake.set()
+        return position
+
+    def queue_position(self, job_id: str) -> int | None:
+        try:
+            return self._pending.index(job_id) + 1
+        except ValueError:
+            return None
+
+    def running(self) -> list[str]:
+        return list(self._running)
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> Job:  # noqa: ASYNC109
+        """Until the job leaves this worker (terminal, or prepared for `launch`)."""
+
+        async def go() -> Job:
+            while True:
+                entry = self._running.get(job_id)
+                if entry is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(entry[0])
+                job = await self.store.require(job_id)
+                if job.state.terminal or job.state == S.PREPARED:
+                    return job
+                await asyncio.sleep(0.05)
+
+        return await asyncio.wait_for(go(), timeout)
+
+    async def _scheduler(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._start_eligible()
+
+    async def _start_eligible(self) -> None:
+        limit = self.settings.max_concurrent_jobs
+        for job_id in list(self._pending):
+            if len(self._running) >= limit:
+                return
+            job = await self.store.get(job_id)
+            if job is None or job.state != S.QUEUED:
+                self._pending.remove(job_id)
+                continue
+            per_user = sum(1 for jid in self._running if self._users.get(jid) == job.user_id)
+            if per_user >= self.settings.max_jobs_per_user:
+                continue  # this user waits; others behind may pass
+            if not await self.store.claim(job_id, self.owner, self.settings.lease_s):
+                self._pending.remove(job_id)
+                continue
+            self._pending.remove(job_id)
+            self._launch(job)
+        await self._announce_positions()
+
+    def _launch(self, job: Job, cancel: asyncio.Event | None = None) -> asyncio.Task[Job]:
+        pipeline = Pipeline(self.deps, job.id, cancel=cancel)
+        task = asyncio.create_task(self._drive(pipeline), name=f"lorabot-job-{job.id}")
+        self._running[job.id] = (task, pipeline)
+        self._users[job.id] = job.user_id
+        return task
+
+    async def _drive(self, pipeline: Pipeline) -> Job:
+        try:
+            return await pipeline.run()
+        finally:
+            self._running.pop(pipeline.job_id, None)
+            self._users.pop(pipeline.job_id, None)
+            job = await self.store.get(pipeline.job_id)
+            if job is not None and (job.state.terminal or job.state == S.PREPARED):
+                with contextlib.suppress(Exception):
+                    await self.store.release(pipeline.job_id, self.owner)
+            self._wake.set()
+
+    async def _announce_positions(self) -> None:
+        for n, job_id in enumerate(self._pending, start=1):
+            job = await self.store.get(job_id)
+            if job is not None:
+                with contextlib.suppress(Exception):
+                    await self.notifier.notify(job, Queued(n))
+
+    async def _leases(self) -> None:
+        """Renew our leases; pick up jobs whose owner died (their lease ran out)."""
+        while True:
+            await asyncio.sleep(max(1.0, self.settings.lease_s / 4))
+            for job_id in list(self._running):
+                with contextlib.suppress(Exception):
+                    await self.store.claim(job_id, self.owner, self.settings.lease_s)
+            with contextlib.suppress(Exception):
+                await self.recover()
+
+    # --- recovery -----------------------------------------------------------------------------
+    async def recover(self) -> list[str]:
+        """Re-attach jobs that were mid-flight and re-queue queued ones; expire stale drafts."""
+        resumed = []
+        now = time.time()
+        for job in sorted(await self.store.live(), key=lambda j: j.created_at):
+            if job.id in self._running or job.id in self._pending:
+                continue
+            if job.state in (S.VALIDATING, S.AWAITING_CONFIRMATION):
+                if now - job.updated_at > self.settings.confirm_timeout_s:
+                    with contextlib.suppress(Exception):
+                        await self.store.transition(job.id, S.CANCELLED, "not confirmed in time; nothing was rented")
+                continue
+            if job.state == S.PREPARED and not job.cancel_requested:
+                continue  # an operator's box (`lorabot launch`): cancel or the reaper end it
+            if job.owner and job.owner != self.owner and (job.owner_seen_at or 0) > now - self.settings.lease_s:
+                continue  # another live process drives it
+            if job.state == S.QUEUED:
+                self._pending.append(job.id)
+                resumed.append(job.id)
+                continue
+            if await self.store.claim(job.id, self.owner, self.settings.lease_s):
+                log.info("re-attaching job %s in state %s", job.id, job.state.value)
+                self._launch(job)
+                resumed.append(job.id)
+        if resumed:
+            self._wake.set()
+        return resumed
+
+    # --- cancel -------------------------------------------------------------------------------
+    async def cancel(self, job_id: str, *, by: str = "") -> CancelResult:
+        job = await self.store.require(job_id)
+        instance = job.instance_id if job.instance_gone_at is None else None
+        if job.state.terminal:
+            return CancelResult(job, None, job.cost_so_far())
+        if job_id in self._pending:
+            self._pending.remove(job_id)
+        if job.state in (S.VALIDATING, S.AWAITING_CONFIRMATION, S.QUEUED) and job_id not in self._running:
+            job = await self.store.transition(job_id, S.CANCELLED, f"cancelled by {by}" if by else "cancelled")
+            with contextlib.suppress(Exception):
+                await self.notifier.notify(job, Cancelled(job.cost_so_far()))
+            return CancelResult(job, None, job.cost_so_far())
+        entry = self._running.get(job_id)
+        if entry is not None:
+            task, pipeline = entry
+            pipeline.request_cancel(by)
+            job = await asyncio.shield(task)
+            return CancelResult(job, instance, job.cost_so_far())
+        await self.store.request_cancel(job_id)
+        now = time.time()
+        live_owner = job.owner and job.owner != self.owner and (job.owner_seen_at or 0) > now - self.settings.lease_s
+        if live_owner:
+            # the driving process acts on cancel_requested within a monitor interval
+            deadline = time.monotonic() + max(60.0, self.settings.monitor_interval_s * 6)
+            while time.monotonic() < deadline:
+                job = await self.store.require(job_id)
+                if job.state.terminal:
+                    return CancelResult(job, instance, job.cost_so_far())
+                await asyncio.sleep(0.2)
+            raise JobRefused(f"job {job_id} is driven by {job.owner}, which has not acted on the cancel yet")
+        if not await self.store.claim(job_id, self.owner, self.settings.lease_s):
+            raise JobRefused(f"job {job_id} was just taken by another process; try again")
+        cancel = asyncio.Event()
+        task = self._launch(job, cancel)
+        self._running[job_id][1].request_cancel(by)
+        job = await asyncio.shield(task)
+        return CancelResult(job, instance, job.cost_so_far())
+
+    async def run_here(self, job_id: str) -> Job:
+        """Drive one job in this process now (the CLI's foreground `train`/`launch`)."""
+        if not await self.store.claim(job_id, self.owner, self.settings.lease_s):
+            raise JobRefused(f"job {job_id} is driven by another process")
+        job = await self.store.require(job_id)
+        if job.id in self._pending:
+            self._pending.remove(job.id)
+        task = self._running[job_id][0] if job_id in self._running else self._launch(job)
+        return await asyncio.shield(task)
+
+    # --- reaper -------------------------------------------------------------------------------
+    async def reconcile(self, destroy: bool) -> list[Instance]:
+        """Instances with our label prefix that no live job owns; destroyed when `destroy`."""
+        vast = self.vast or self._vast_factory()
+        try:
+            orphans = await find_orphans(self.store, self.settings, vast)
+            if destroy:
+                for inst in orphans:
+                    log.warning("reaper: destroying orphan instance %s (%s)", inst.id, inst.label)
+                    await vast.destroy_instance(inst.id)
+            return orphans
+        finally:
+            if vast is not self.vast:
+                await vast.aclose()
+
+    async def _reaper_loop(self) -> None:
+        while True:
+            try:
+                await self.reconcile(destroy=True)
+            except VastError as exc:
+                log.warning("reaper: %s", exc)
+            except Exception:
+                log.exception("reaper failed")
+            await asyncio.sleep(self.settings.reaper_interval_s)
+
+
+async def find_orphans(store: JobStore, settings: Settings, vast: VastClient) -> list[Instance]:
+    """An instance is ours when its label has our prefix; an orphan when no live job claims it."""
+    orphans = []
+    for inst in await vast.list_instances():
+        job_id = job_id_from_label(settings, inst.label)
+        if job_id is None:
+            continue  # not lorabot's: never touched
+        job = await store.get(job_id)
+        owned = (
+            job is not None
+            and not job.state.terminal
+            and job.state.holds_instance
+            and job.label == inst.label
+            and job.instance_id in (None, inst.id)
+        )
+        if not owned:
+            orphans.append(inst)
+    return orphans
