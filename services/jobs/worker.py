@@ -92,8 +92,8 @@ class Worker:
         """Graceful: running jobs keep training on their boxes; their leases are released."""
         for task in self._tasks:
             task.cancel()
-        for task, _ in list(self._running.values()):
-            task.cancel()
+        for job_task, _ in list(self._running.values()):
+            job_task.cancel()
         running = [t for t, _ in self._running.values()]
         await asyncio.gather(*self._tasks, *running, return_exceptions=True)
         for job_id in list(self._running):
