@@ -67,6 +67,14 @@ class Settings(BaseSettings):
     discord_guild_id: int | None = Field(None, validation_alias="DISCORD_GUILD_ID")
     train_roles: Annotated[list[str], NoDecode] = Field(default_factory=list, validation_alias="LORABOT_TRAIN_ROLES")
     admin_roles: Annotated[list[str], NoDecode] = Field(default_factory=list, validation_alias="LORABOT_ADMIN_ROLES")
+    # live status messages: at most one edit per interval (coalescing), and a fresh message before
+    # Discord's cap on edits of messages older than an hour
+    discord_edit_interval_s: float = Field(5.0, ge=0, validation_alias="LORABOT_DISCORD_EDIT_INTERVAL_S")
+    discord_status_refresh_s: float = Field(50 * 60.0, gt=0, validation_alias="LORABOT_DISCORD_STATUS_REFRESH_S")
+    # how long the Confirm / Cancel buttons of a quote stay pressable
+    discord_confirm_timeout_s: float = Field(600.0, gt=0, validation_alias="LORABOT_DISCORD_CONFIRM_TIMEOUT_S")
+    # largest /train attachment the bot downloads (also capped by LORABOT_DATASET_MAX_BYTES)
+    discord_max_attachment_mb: int = Field(500, ge=1, validation_alias="LORABOT_DISCORD_MAX_ATTACHMENT_MB")
 
     # --- Cloudflare R2 ------------------------------------------------------------------------
     r2_account_id: str | None = Field(None, validation_alias="R2_ACCOUNT_ID")
@@ -119,6 +127,8 @@ class Settings(BaseSettings):
     ssh_connect_timeout_s: float = Field(15.0, gt=0, validation_alias="LORABOT_SSH_CONNECT_TIMEOUT_S")
     # keepalive every N s; the link counts as dead after ssh_keepalive_count unanswered ones
     ssh_keepalive_s: float = Field(15.0, gt=0, validation_alias="LORABOT_SSH_KEEPALIVE_S")
+    # Vast.ai boxes log in as root; the local simulator logs in as whoever runs it
+    ssh_user: str = Field("root", pattern=r"^[a-z_][a-z0-9_-]{0,31}$", validation_alias="LORABOT_SSH_USER")
     ssh_keepalive_count: int = Field(4, ge=1, validation_alias="LORABOT_SSH_KEEPALIVE_COUNT")
     # stop on the box: SIGINT, then SIGTERM after stop_grace, then SIGKILL after kill_grace more
     remote_stop_grace_s: float = Field(60.0, gt=0, validation_alias="LORABOT_REMOTE_STOP_GRACE_S")
@@ -147,6 +157,13 @@ class Settings(BaseSettings):
     lease_s: float = Field(60.0, gt=1, validation_alias="LORABOT_LEASE_S")
     # seconds per training step of an RTX 4090 at 1024 px; the quote scales it by resolution
     sec_per_step_4090: float = Field(1.6, gt=0, validation_alias="LORABOT_SEC_PER_STEP_4090")
+    # per-GPU overrides of that s/step at 1024 px, JSON ({"RTX 3090": 3.0}); see services/quote.py
+    sec_per_step_gpu: dict[str, float] = Field(default_factory=dict, validation_alias="LORABOT_SEC_PER_STEP_GPU")
+    # quote inputs for the start-up phases (services/quote.py documents how they are used)
+    quote_image_pull_s: float = Field(180.0, ge=0, validation_alias="LORABOT_QUOTE_IMAGE_PULL_S")
+    quote_model_gb: float = Field(34.0, ge=0, validation_alias="LORABOT_QUOTE_MODEL_GB")
+    quote_model_load_s: float = Field(240.0, ge=0, validation_alias="LORABOT_QUOTE_MODEL_LOAD_S")
+    quote_upload_mbps: float = Field(100.0, gt=0, validation_alias="LORABOT_QUOTE_UPLOAD_MBPS")
 
     @field_validator(
         "vastai_api_url", "r2_endpoint_url", "r2_public_base_url", "r2_account_id", "r2_bucket", mode="before"

@@ -17,7 +17,7 @@ import posixpath
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from services import progress as prog
 from services.jobs.errors import InfraFailure, JobCancelled, JobFailure
@@ -35,6 +35,7 @@ from services.jobs.events import (
     SampleImage,
     StateChanged,
 )
+from services.jobs.intake import offer_query
 from services.jobs.model import Job, JobState
 from services.jobs.store import JobStore
 from services.recipe import FluxRecipe, expected_outputs, render_config
@@ -42,7 +43,7 @@ from services.remote.driver import RemoteJob, RemoteStatus
 from services.settings import Settings, redact
 from services.ssh import Box, Endpoint, ReadinessDeadlines, ReadinessError, SSHError, wait_ready
 from services.storage import Storage, StorageError, job_keys
-from services.vastai import InstanceStatus, NoOffers, OfferQuery, VastClient, VastError, rent
+from services.vastai import InstanceStatus, NoOffers, VastClient, VastError, rent
 from services.vastai.errors import InsufficientCredit, VastAuthError
 
 log = logging.getLogger(__name__)
@@ -159,20 +160,6 @@ class Pipeline:
             await self._close_box()
 
     # --- rent ---------------------------------------------------------------------------------
-    def _query(self, job: Job) -> OfferQuery:
-        cap = min(job.max_price or self.s.max_price, self.s.max_price)
-        return OfferQuery(
-            gpu_name=self.s.gpu_name,
-            num_gpus=1,
-            max_dph=cap,
-            min_reliability=self.s.min_reliability,
-            min_inet_down=self.s.min_inet_down,
-            min_disk_gb=self.s.disk_gb,
-            min_cuda=self.s.min_cuda,
-            exclude_machine_ids=list(job.excluded_machines),
-            limit=max(20, self.s.rent_attempts * 2),
-        )
-
     def _public_key(self) -> str:
         pub = Path(str(self.s.ssh_key_path) + ".pub")
         try:
@@ -189,7 +176,7 @@ class Pipeline:
         assert job.label is not None
         await self._emit(job, Readiness("renting", f"looking for a {self.s.gpu_name}"))
         pub = self._public_key()
-        query = self._query(job)
+        query = offer_query(self.s, job.max_price, job.excluded_machines)
         try:
             offers = await self.d.vast.search_offers(query)
             if not offers:
@@ -235,7 +222,7 @@ class Pipeline:
             if inst.status.failed:
                 raise InfraFailure("instance_failed", f"instance {instance_id} is {inst.status}: {inst.status_msg}")
             if inst.status == InstanceStatus.RUNNING and inst.endpoints():
-                return [Endpoint(e.host, e.port, e.user, e.kind) for e in inst.endpoints()]
+                return [Endpoint(e.host, e.port, self.s.ssh_user, e.kind) for e in inst.endpoints()]
             return None
 
         async def on_stage(stage: str, detail: str) -> None:
@@ -263,7 +250,8 @@ class Pipeline:
             return self._box
         if not (job.ssh_host and job.ssh_port and job.host_key):
             raise InfraFailure("ssh_lost", "no pinned SSH endpoint for this job")
-        endpoint = Endpoint(job.ssh_host, job.ssh_port, "root", "proxy" if job.ssh_kind == "proxy" else "direct")
+        kind: Literal["direct", "proxy"] = "proxy" if job.ssh_kind == "proxy" else "direct"
+        endpoint = Endpoint(job.ssh_host, job.ssh_port, self.s.ssh_user, kind)
         deadline = time.monotonic() + self.s.ssh_lost_timeout_s
         delay = 0.5
         while True:

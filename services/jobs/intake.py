@@ -1,0 +1,135 @@
+"""From a request to a quoted job awaiting confirmation: recipe check, dataset QA, best offer, quote.
+
+Shared by every front-end (`/train`, `lorabot train`, `lorabot launch`): they only render the
+Draft. Nothing is rented here; a job only reaches the worker once it is confirmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.dataset import DatasetError, DatasetReport, prepare
+from services.dataset.prepare import rejected_report
+from services.jobs.model import Job, JobState
+from services.jobs.store import JobStore
+from services.quote import Quote, quote
+from services.recipe import FluxRecipe, RecipeError
+from services.settings import Settings
+from services.vastai import Offer, OfferQuery, VastClient, VastError
+
+DEFAULT_PRESET = "character"
+
+
+@dataclass
+class Draft:
+    job: Job
+    report: DatasetReport | None
+    quote: Quote | None
+    offer: Offer | None
+    ok: bool
+    message: str = ""
+
+
+def offer_query(settings: Settings, max_price: float | None = None, exclude: list[int] | None = None) -> OfferQuery:
+    """The offers a job may rent: the server's filters under min(user cap, server cap)."""
+    cap = min(max_price or settings.max_price, settings.max_price)
+    return OfferQuery(
+        gpu_name=settings.gpu_name,
+        num_gpus=1,
+        max_dph=cap,
+        min_reliability=settings.min_reliability,
+        min_inet_down=settings.min_inet_down,
+        min_disk_gb=settings.disk_gb,
+        min_cuda=settings.min_cuda,
+        exclude_machine_ids=list(exclude or []),
+        limit=max(20, settings.rent_attempts * 2),
+    )
+
+
+def quote_doc(q: Quote) -> dict[str, Any]:
+    """The quote as stored with the job; `hours_high` and `cost_high` drive credit and budget checks."""
+    doc = q.model_dump(mode="json")
+    doc["hours_high"] = q.total_s_high / 3600.0
+    doc["cost_high"] = q.cost_high
+    return doc
+
+
+async def _fail(store: JobStore, job: Job, reason: str, kind: str) -> Job:
+    return await store.transition(job.id, JobState.FAILED, reason, failure_kind=kind)
+
+
+async def draft(
+    store: JobStore,
+    settings: Settings,
+    *,
+    source: str | Path | bytes,
+    user_id: str,
+    user_name: str = "",
+    origin: str = "cli",
+    name: str,
+    trigger: str,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    max_price: float | None = None,
+    guild_id: int | None = None,
+    channel_id: int | None = None,
+    vast: VastClient | None = None,
+    train: bool = True,
+) -> Draft:
+    job = await store.create(Job(user_id=user_id, user_name=user_name, source=origin, name=name,
+                                 trigger_word=trigger, guild_id=guild_id, channel_id=channel_id,
+                                 max_price=max_price, train=train))
+    try:
+        recipe = FluxRecipe.from_preset(preset or DEFAULT_PRESET, name=name, trigger_word=trigger,
+                                        **(overrides or {}))
+    except RecipeError as exc:
+        job = await _fail(store, job, f"bad training settings: {exc}", "user")
+        return Draft(job, None, None, None, False, str(exc))
+
+    work = Path(settings.work_dir) / job.id
+    try:
+        prepared = await prepare(source, work, settings, trigger)
+    except DatasetError as exc:
+        report = rejected_report(exc)
+        job = await _fail(store, job, f"dataset rejected: {exc}", "user")
+        return Draft(job, report, None, None, False, str(exc))
+    report = prepared.report
+    if not report.ready:
+        job = await _fail(store, job, "the dataset is not ready (see the report)", "user")
+        return Draft(job, report, None, None, False, "the dataset is not ready")
+    manifest_path = work / "manifest.json"
+    await asyncio.to_thread(manifest_path.write_text, prepared.manifest.model_dump_json(indent=2))
+
+    offer: Offer | None = None
+    if vast is not None:
+        try:
+            offers = await vast.search_offers(offer_query(settings, max_price))
+        except VastError as exc:
+            job = await _fail(store, job, f"cannot read the GPU market: {exc}", "provider")
+            return Draft(job, report, None, None, False, str(exc))
+        if not offers:
+            cap = min(max_price or settings.max_price, settings.max_price)
+            msg = f"no {settings.gpu_name} is available under ${cap:.2f}/h right now; try later or raise max_price"
+            job = await _fail(store, job, msg, "no_offers")
+            return Draft(job, report, None, None, False, msg)
+        offer = offers[0]
+    dph = offer.dph_total if offer else settings.max_price
+    inet = offer.inet_down if offer else settings.min_inet_down or 500.0
+    q = quote(recipe, dph_total=dph, inet_down_mbps=inet, dataset_bytes=prepared.manifest.total_bytes,
+              gpu_name=offer.gpu_name if offer else settings.gpu_name, settings=settings)
+    job = await store.update(job.id, recipe=recipe.model_dump(mode="json"), dataset_dir=str(prepared.folder),
+                            dataset_sha256=prepared.manifest.dataset_sha256,
+                            dataset_bytes=prepared.manifest.total_bytes, quote=quote_doc(q),
+                            total_steps=recipe.steps)
+    job = await store.transition(job.id, JobState.AWAITING_CONFIRMATION, q.summary())
+    return Draft(job, report, q, offer, True)
+
+
+async def decline(store: JobStore, job_id: str, reason: str = "declined") -> Job:
+    job = await store.require(job_id)
+    if job.state.terminal:
+        return job
+    return await store.transition(job_id, JobState.CANCELLED, f"{reason}; nothing was rented")

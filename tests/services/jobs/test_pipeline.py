@@ -1,0 +1,100 @@
+"""End to end on the simulator: emulator + sshd box + stand-in trainer + S3, with the real worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from services.jobs import JobState, JobStore
+from services.jobs.events import Finished, Progress, Readiness, SampleImage
+from services.jobs.intake import draft
+from services.jobs.worker import Worker
+from services.vastai import VastClient
+from tests.services.jobs.conftest import Recorder, dataset_zip
+from tests.sim.world import HF_TOKEN, SimWorld
+
+
+class Harness:
+    def __init__(self, world: SimWorld, recorder: Recorder, **extra: Any) -> None:
+        self.world = world
+        self.recorder = recorder
+        self.settings = world.settings(**extra)
+        self.store = JobStore(self.settings.db_path)
+        self.worker = Worker(self.store, self.settings, recorder)
+
+    async def __aenter__(self) -> Harness:
+        await self.store.open()
+        await self.worker.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.worker.stop()
+        await self.store.close()
+
+    async def submit(self, steps: int = 20, user: str = "u1", **overrides: Any) -> str:
+        async with VastClient.from_settings(self.settings) as vast:
+            d = await draft(self.store, self.settings, source=dataset_zip(), user_id=user, name="cat lora",
+                            trigger="sks", overrides={"steps": steps, "save_every": 10, "sample_every": 10,
+                                                      **overrides}, vast=vast)
+        assert d.ok, d.message
+        await self.worker.submit(d.job.id)
+        return d.job.id
+
+
+@pytest.fixture
+async def h(world: SimWorld, recorder: Recorder) -> AsyncIterator[Harness]:
+    async with Harness(world, recorder) as harness:
+        yield harness
+
+
+async def test_happy_path_from_draft_to_link(h: Harness) -> None:
+    job_id = await h.submit(steps=20)
+    job = await h.worker.wait(job_id, timeout=90)
+    assert job.state == JobState.SUCCEEDED, job.reason
+    assert job.instance_gone_at is not None and h.world.vast.live_instances() == []
+    assert job.cost_usd > 0 and job.step == 20 and job.loss is not None
+    # the link works with a plain HTTP client and serves a safetensors file
+    assert job.lora_url
+    async with httpx.AsyncClient() as http:
+        body = (await http.get(job.lora_url)).content
+    header_len = int.from_bytes(body[:8], "little")
+    assert b"lora" in body[8:8 + header_len]
+    steps = [e.step for e in h.recorder.of(Readiness)]  # type: ignore[attr-defined]
+    for expected in ("renting", "rented", "api", "tcp", "auth", "probe", "uploading", "uploaded", "launched"):
+        assert expected in steps, (expected, steps)
+    assert h.recorder.of(Progress) and h.recorder.of(SampleImage)
+    (finished,) = h.recorder.of(Finished)
+    assert finished.lora_url == job.lora_url and finished.cost_usd == pytest.approx(job.cost_usd)  # type: ignore[attr-defined]
+    history = [e.dst for e in await h.store.events(job_id)]
+    assert history == ["validating", "awaiting_confirmation", "queued", "renting", "waiting_ready", "uploading",
+                       "training", "collecting", "succeeded"]
+
+
+async def test_secrets_stay_off_the_box_except_hf_token(h: Harness) -> None:
+    job_id = await h.submit(steps=5)
+    job = await h.worker.wait(job_id, timeout=90)
+    assert job.state == JobState.SUCCEEDED, job.reason
+    box_files = [p for p in h.world.box.root.rglob("*") if p.is_file()]
+    blob = b"".join(p.read_bytes() for p in box_files)
+    s = h.settings
+    for secret in (s.vastai_api_key, s.r2_secret_access_key, s.r2_access_key_id):
+        assert secret is not None and secret.get_secret_value().encode() not in blob
+    env_file = h.world.box.remote_root / "jobs" / job_id / "env"
+    assert HF_TOKEN in env_file.read_text() and oct(env_file.stat().st_mode & 0o777) == "0o600"
+
+
+async def test_cancel_while_training_destroys_and_reports_cost(h: Harness) -> None:
+    h.world.box.set_sec_per_step(0.2)
+    job_id = await h.submit(steps=400)
+    for _ in range(300):
+        job = await h.store.require(job_id)
+        if job.state == JobState.TRAINING and job.step > 0:
+            break
+        await asyncio.sleep(0.1)
+    result = await h.worker.cancel(job_id, by="tester")
+    assert result.job.state == JobState.CANCELLED and result.destroyed_instance_id is not None
+    assert result.cost_usd > 0 and h.world.vast.live_instances() == []

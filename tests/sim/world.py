@@ -1,0 +1,96 @@
+"""The whole outside world on loopback: a Vast.ai emulator whose instances are an OpenSSH sshd
+serving a fake box (with the stand-in ai-toolkit trainer), and moto's S3 server for R2.
+
+`SimWorld` is a plain context manager (used by `lorabot demo`, the CLI tests and the pipeline
+tests). `settings()` gives Settings pointing lorabot at it; `env()` the same as environment
+variables for subprocesses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.settings import Settings, load_settings
+from tests.sim.box import SimBox, make_box
+from tests.sim.s3 import S3Server, run_s3_server
+from tests.sim.sshd import SshdServer, run_sshd
+from tests.sim.vast import Quirks, VastEmulator
+
+HF_TOKEN = "hf_simulated_token_0123456789"
+
+
+@dataclass
+class SimWorld:
+    root: Path
+    sshd: SshdServer
+    box: SimBox
+    vast: VastEmulator
+    s3: S3Server
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def values(self, **extra: Any) -> dict[str, Any]:
+        """Settings fields (by name) that point lorabot at the simulator, fast."""
+        values: dict[str, Any] = {
+            "vastai_api_key": self.vast.api_key,
+            "vastai_api_url": self.vast.url,
+            "vastai_ssh_key_path": str(self.sshd.info.client_key_path),
+            "vastai_backoff_s": 0.01,
+            "vastai_backoff_max_s": 0.1,
+            "vastai_min_interval_s": 0.0,
+            "vastai_timeout_s": 5.0,
+            "r2_endpoint_url": self.s3.endpoint_url,
+            "r2_access_key_id": self.s3.access_key_id,
+            "r2_secret_access_key": self.s3.secret_access_key,
+            "r2_bucket": self.s3.bucket,
+            "hf_token": HF_TOKEN,
+            "db_path": str(self.root / "lorabot.sqlite3"),
+            "work_dir": str(self.root / "work"),
+            "ssh_user": self.sshd.info.user,
+            "ssh_connect_timeout_s": 5.0,
+            "ready_timeout_s": 30.0,
+            "ssh_lost_timeout_s": 10.0,
+            "monitor_interval_s": 0.2,
+            "log_snippet_interval_s": 2.0,
+            "stall_timeout_s": 20.0,
+            "lease_s": 5.0,
+            "reaper_interval_s": 3600.0,
+            "dataset_min_images": 3,
+            **self.box.settings_overrides(),
+            **self.overrides,
+        }
+        values.update(extra)
+        return values
+
+    def settings(self, **extra: Any) -> Settings:
+        return load_settings(**self.values(**extra))
+
+    def env(self, **extra: Any) -> dict[str, str]:
+        """The same, as environment variables (names from Settings' aliases)."""
+        from services.settings import env_name
+
+        return {env_name(k): str(v) for k, v in self.values(**extra).items()}
+
+
+@contextlib.contextmanager
+def run_world(
+    root: Path | str | None = None, *, quirks: Quirks | None = None, sec_per_step: float = 0.02
+) -> Iterator[SimWorld]:
+    """Start sshd, the box, the Vast.ai emulator and S3; stop them all on exit."""
+    with contextlib.ExitStack() as stack:
+        if root is None:
+            root = stack.enter_context(tempfile.TemporaryDirectory(prefix="lorabot-sim-"))
+        root = Path(root)
+        sshd = stack.enter_context(run_sshd(root / "sim", user=getpass.getuser()))
+        box = make_box(sshd.info.root_dir)
+        box.set_sec_per_step(sec_per_step)
+        vast = stack.enter_context(
+            VastEmulator(quirks=quirks or Quirks(loading_s=0.3), ssh_endpoint=(sshd.info.host, sshd.info.port))
+        )
+        s3 = stack.enter_context(run_s3_server())
+        yield SimWorld(root=root, sshd=sshd, box=box, vast=vast, s3=s3)
