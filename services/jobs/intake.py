@@ -52,8 +52,8 @@ def offer_query(settings: Settings, max_price: float | None = None, exclude: lis
 def quote_doc(q: Quote) -> dict[str, Any]:
     """The quote as stored with the job; `hours_high` and `cost_high` drive credit and budget checks."""
     doc = q.model_dump(mode="json")
-    doc["hours_high"] = q.total_s_high / 3600.0
-    doc["cost_high"] = q.cost_high
+    doc["hours_high"] = q.total_high_s / 3600.0
+    doc["cost_high"] = q.cost_high_usd
     return doc
 
 

@@ -90,6 +90,7 @@ class Pipeline:
         self._parser: prog.ProgressParser | None = None
         self._loss_curve: list[tuple[int, float]] = []
         self._last_failure: prog.Failure | None = None
+        self._seen_samples: set[str] = set()
         self._work = Path(self.s.work_dir) / job_id
 
     # --- plumbing -----------------------------------------------------------------------------
@@ -390,7 +391,7 @@ class Pipeline:
         offset = job.log_offset
         last_output = time.monotonic()
         last_saved = 0.0
-        last_snippet = time.monotonic()
+        last_snippet = last_samples = time.monotonic()
         last_api_check = time.monotonic()
         started = job.started_at or time.time()
         while True:
@@ -410,9 +411,13 @@ class Pipeline:
                 data, offset = await self._remote_call(job, "read log", lambda r, o=offset: r.read_log(o, 1 << 24))
                 job = await self._handle(job, self._parser.feed(data) + self._parser.close())
                 job = await self.d.store.update(job.id, log_offset=offset)
+                await self._poll_samples(job)
                 break
             if status.lost:
                 raise InfraFailure("supervisor_lost", "the supervisor on the box died (box restarted?)")
+            if now - last_samples > max(5.0, self.s.monitor_interval_s):
+                last_samples = now
+                await self._poll_samples(job)
             if now - last_snippet > self.s.log_snippet_interval_s:
                 last_snippet = now
                 await self._emit(job, LogSnippet(self._redact("\n".join(self._parser.tail()[-15:]))))
@@ -478,10 +483,24 @@ class Pipeline:
                                            last_step.sec_per_it, last_step.eta_s, job.cost_so_far()))
         return job
 
+    async def _poll_samples(self, job: Job) -> None:
+        """ai-toolkit does not print where samples go: list its samples folder for new images."""
+        out = expected_outputs(job_name(job), self._paths(job)[2])
+        res = await self._remote_call(job, "list samples", lambda r: r.box.run(
+            ["find", out.samples_dir, "-maxdepth", "1", "-type", "f", "-name", "*__*_*.*"], check=False))
+        for path in sorted(res.stdout.split(), key=posixpath.basename):
+            ev = prog.parse_sample_path(path)
+            if ev is not None:
+                await self._fetch_sample(job, ev)
+
     async def _fetch_sample(self, job: Job, ev: prog.SampleWritten) -> None:
         out = expected_outputs(job_name(job), self._paths(job)[2])
-        remote = ev.path if ev.path.startswith("/") else f"{out.samples_dir}/{posixpath.basename(ev.path)}"
-        local = self._work / "samples" / posixpath.basename(remote)
+        name = posixpath.basename(ev.path)
+        if name in self._seen_samples:
+            return
+        self._seen_samples.add(name)
+        remote = f"{out.samples_dir}/{name}"
+        local = self._work / "samples" / name
         try:
             await self._remote_call(job, "download sample", lambda r: r.box.download(remote, local))
         except SSHError as exc:
