@@ -57,6 +57,7 @@ class Worker:
         storage: Storage | None = None,
         owner: str | None = None,
         reaper: bool = True,
+        adopt: bool = True,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -65,6 +66,9 @@ class Worker:
         self._vast_factory = vast_factory or (lambda: VastClient.from_settings(settings))
         self._storage = storage
         self._reaper_enabled = reaper
+        # adopt: pick up other processes' jobs when their lease runs out (the bot does; a
+        # foreground `lorabot train` only drives its own job)
+        self._adopt = adopt
         self.vast: VastClient | None = None
         self._pending: list[str] = []  # queued job ids, in order
         self._running: dict[str, tuple[asyncio.Task[Job], Pipeline]] = {}
@@ -227,8 +231,9 @@ class Worker:
             for job_id in list(self._running):
                 with contextlib.suppress(Exception):
                     await self.store.claim(job_id, self.owner, self.settings.lease_s)
-            with contextlib.suppress(Exception):
-                await self.recover()
+            if self._adopt:
+                with contextlib.suppress(Exception):
+                    await self.recover()
 
     # --- recovery -----------------------------------------------------------------------------
     async def recover(self) -> list[str]:
