@@ -1,9 +1,61 @@
-"""CLI commands of this domain (filled in by the issue that owns it)."""
+"""`lorabot run` (and `python -m bot`): start the Discord bot."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import sys
+
+import discord
 import typer
+
+from services.settings import Settings, SettingsError, load_settings
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    raise SystemExit(EXIT_USAGE)
+
+
+def load(require_token: bool = True) -> Settings:
+    try:
+        s = load_settings()
+    except SettingsError as exc:
+        _fail(str(exc))
+        raise  # unreachable
+    if require_token and (s.discord_token is None or not s.discord_token.get_secret_value().strip()):
+        _fail("DISCORD_TOKEN is not set (needed to connect to Discord); put it in the environment or ./.env")
+    return s
+
+
+async def serve(settings: Settings) -> None:
+    from bot.app import LoraBot, apply_test_endpoints
+
+    apply_test_endpoints()
+    assert settings.discord_token is not None
+    bot = LoraBot(settings)
+    async with bot:
+        await bot.start(settings.discord_token.get_secret_value())
+
+
+def main() -> None:
+    """Entry point of `python -m bot`."""
+    settings = load()
+    discord.utils.setup_logging(level=logging.INFO)
+    try:
+        asyncio.run(serve(settings))
+    except discord.LoginFailure:
+        _fail("Discord refused DISCORD_TOKEN (401); check the bot token")
+    except KeyboardInterrupt:
+        pass
+
+
+def run() -> None:
+    """Start the Discord bot (same as `python -m bot`)."""
+    main()
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("run")(run)
