@@ -9,8 +9,10 @@ worker drives it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,8 @@ class JobStore:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
+        # one connection is shared by the process's tasks: transactions must not interleave
+        self._tx_lock = asyncio.Lock()
 
     async def open(self) -> JobStore:
         if str(self.path) != ":memory:":
@@ -105,14 +109,24 @@ class JobStore:
             raise RuntimeError("the job store is not open")
         return self._db
 
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        async with self._tx_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            await self.db.execute("COMMIT")
+
     async def schema_version(self) -> int:
         async with self.db.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
     async def _migrate(self) -> None:
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             version = await self.schema_version()
             if version > SCHEMA_VERSION:
                 raise RuntimeError(
@@ -123,10 +137,6 @@ class JobStore:
                     if statement.strip():
                         await self.db.execute(statement)
                 await self.db.execute(f"PRAGMA user_version = {n + 1}")
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
 
     # --- rows <-> jobs ------------------------------------------------------------------------
     @staticmethod
@@ -159,17 +169,12 @@ class JobStore:
 
     # --- API ----------------------------------------------------------------------------------
     async def create(self, job: Job, reason: str = "created") -> Job:
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             await self._write(job, insert=True)
             await self.db.execute(
                 "INSERT INTO job_events (job_id, at, src, dst, reason) VALUES (?, ?, NULL, ?, ?)",
                 (job.id, job.created_at, job.state.value, reason),
             )
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
         return job
 
     async def get(self, job_id: str) -> Job | None:
@@ -184,8 +189,7 @@ class JobStore:
     async def transition(self, job_id: str, dst: JobState, reason: str = "", **fields: Any) -> Job:
         """Move a job to `dst`, checked, with its reason and fields, in one transaction."""
         now = time.time()
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             job = await self._load(job_id)
             check_transition(job.id, job.state, dst)
             src = job.state
@@ -201,25 +205,16 @@ class JobStore:
                 "INSERT INTO job_events (job_id, at, src, dst, reason) VALUES (?, ?, ?, ?, ?)",
                 (job.id, now, src.value, dst.value, reason),
             )
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
         return updated
 
     async def update(self, job_id: str, **fields: Any) -> Job:
         """Change fields without a state change (progress, endpoint, ...)."""
         if "state" in fields:
             raise ValueError("use transition() to change the state")
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             job = await self._load(job_id)
             updated = Job.model_validate({**job.model_dump(), **fields, "updated_at": time.time()})
             await self._write(updated)
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
         return updated
 
     async def events(self, job_id: str) -> list[JobEventRow]:
@@ -264,20 +259,14 @@ class JobStore:
     async def claim(self, job_id: str, owner: str, lease_s: float = 60.0) -> bool:
         """Take (or renew) the lease on a job; False when another live process holds it."""
         now = time.time()
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             job = await self._load(job_id)
             held = job.owner and job.owner != owner and (job.owner_seen_at or 0) > now - lease_s
             if held:
-                await self.db.execute("ROLLBACK")
                 return False
             job.owner, job.owner_seen_at = owner, now
             await self._write(job)
-            await self.db.execute("COMMIT")
             return True
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
 
     async def release(self, job_id: str, owner: str) -> None:
         job = await self.get(job_id)
