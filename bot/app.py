@@ -74,7 +74,7 @@ class LoraTree(app_commands.CommandTree):
 
 async def report_error(interaction: discord.Interaction, error: BaseException) -> None:
     """Tell the user in one ephemeral line; log the traceback of anything unexpected."""
-    if isinstance(error, _PLAIN | app_commands.CheckFailure):
+    if isinstance(error, (*_PLAIN, app_commands.CheckFailure)):
         text = str(error) or "You cannot use this command here."
     elif isinstance(error, app_commands.CommandOnCooldown):
         text = f"Slow down: try again in {error.retry_after:.0f}s."

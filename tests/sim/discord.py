@@ -138,6 +138,7 @@ class FakeDiscord:
         self.command_puts: list[tuple[str, list[dict[str, Any]]]] = []
         self.threads: dict[int, dict[str, Any]] = {}
         self.attachments: dict[int, FakeFile] = {}
+        self.downloads: list[int] = []  # attachment ids fetched by the bot
         self.identifies = 0
         self.resumes = 0
         self.heartbeats = 0
@@ -639,6 +640,8 @@ class FakeDiscord:
 
     async def _attachment(self, request: web.Request) -> web.Response:
         f = self.attachments.get(int(request.match_info["id"]))
+        with self._lock:
+            self.downloads.append(int(request.match_info["id"]))
         if f is None:
             return web.Response(status=404)
         return web.Response(body=f.data, headers={"Content-Type": f.content_type or "application/octet-stream"})
