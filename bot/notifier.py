@@ -191,7 +191,7 @@ class DiscordNotifier:
                 track.continued = track.message_id is not None
                 await self._post_status(track)
                 return
-            partial = self.client.get_partial_messageable(track.channel_id).get_partial_message(track.message_id)
+            partial = self._channel(track.channel_id, track.job).get_partial_message(track.message_id)
             try:
                 await self._retry(lambda: partial.edit(embed=self._status_embed(track)))
             except discord.NotFound:
@@ -209,12 +209,12 @@ class DiscordNotifier:
     # --- samples, the end -------------------------------------------------------------------------
     async def _sample(self, track: _Track, ev: SampleImage) -> None:
         if track.thread_id is None and track.message_id is not None:
-            partial = self.client.get_partial_messageable(track.channel_id).get_partial_message(track.message_id)
+            partial = self._channel(track.channel_id, track.job).get_partial_message(track.message_id)
             name = embeds.truncate(f"samples · {track.job.name or track.job.id}", 100)
             try:
                 thread = await self._retry(lambda: partial.create_thread(name=name, auto_archive_duration=1440))
                 track.thread_id = thread.id
-            except discord.HTTPException:
+            except (discord.HTTPException, ValueError):
                 log.warning("discord notifier: no thread for job %s samples; posting in the channel", track.job.id)
         target = track.thread_id or track.channel_id
         raw = await asyncio.to_thread(ev.path.read_bytes)
@@ -261,10 +261,15 @@ class DiscordNotifier:
         else:
             track.done = False
 
+    def _channel(self, channel_id: int, job: Job | None = None) -> discord.PartialMessageable:
+        """The channel by id, with the bot token (never an interaction's): works hours later."""
+        guild_id = (job.guild_id if job else None) or self.settings.discord_guild_id
+        return self.client.get_partial_messageable(channel_id, guild_id=guild_id)
+
     # --- sending --------------------------------------------------------------------------------
     async def _send(self, channel_id: int, *, content: str | None = None, embed: discord.Embed | None = None,
                     file_factory: Callable[[], discord.File] | None = None) -> discord.Message | None:
-        channel = self.client.get_partial_messageable(channel_id)
+        channel = self._channel(channel_id)
         if content is not None:
             content = embeds.message(redact(content, self._secrets))
         kwargs: dict[str, Any] = {"allowed_mentions": discord.AllowedMentions(users=True, roles=False,
