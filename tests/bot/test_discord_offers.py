@@ -75,3 +75,12 @@ async def test_commands_are_synced_once_to_the_guild_and_not_again_when_unchange
     assert [scope for scope, _ in fake.command_puts] == [str(fake.guild_id)]
     names = {c["name"] for c in fake.command_puts[0][1]}
     assert {"offers", "train", "status", "cancel", "reconcile", "balance"} <= names
+
+
+async def test_the_bot_resumes_after_the_gateway_drops(fake: FakeDiscord, vast: VastEmulator, tmp_path: Path) -> None:
+    async with running_bot(fake, bot_settings(fake, vast, tmp_path), start_worker=False):
+        fake.disconnect_gateway(code=4000)
+        await fake.wait_for(lambda: fake.resumes + fake.identifies >= 2, timeout=15)
+        await fake.wait_for(lambda: fake._sockets, timeout=5)
+        ix = fake.slash("offers", {"limit": 1})
+        await fake.wait_for(lambda: fake.answered(ix), timeout=5)

@@ -889,3 +889,25 @@ async def running_bot(fake: FakeDiscord, settings: Any, *, timeout: float = 15.0
         except (asyncio.CancelledError, Exception):
             pass
         undo()
+
+
+def main() -> None:
+    """`python -m tests.sim.discord`: a fake Discord (and a Vast.ai emulator) for running the bot by hand."""
+    from tests.sim.vast import VastEmulator
+
+    with FakeDiscord() as fake, VastEmulator() as vast:
+        env = dict(fake.env(), VASTAI_API_KEY=vast.api_key, VASTAI_API_URL=vast.url)
+        print("# fake Discord and Vast.ai emulator are up; in another shell:")
+        for key, value in env.items():
+            print(f"export {key}={value}")
+        print("python -m bot")
+        print("# Ctrl-C here to stop", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
