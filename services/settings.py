@@ -85,8 +85,9 @@ class Settings(BaseSettings):
     r2_public_base_url: str | None = Field(None, validation_alias="R2_PUBLIC_BASE_URL")
     link_expiry_s: int = Field(7 * 24 * 3600, ge=60, le=7 * 24 * 3600, validation_alias="LORABOT_LINK_EXPIRY_S")
     backup_checkpoints: bool = Field(True, validation_alias="LORABOT_BACKUP_CHECKPOINTS")
-    # uploads from the bot's host: multipart (boto3 transfer manager) above the threshold
-    r2_multipart_threshold_mb: int = Field(64, ge=5, validation_alias="LORABOT_R2_MULTIPART_THRESHOLD_MB")
+    # uploads from the bot's host: one streamed PUT up to the threshold (R2 takes up to 5 GiB; a LoRA
+    # is < 1 GiB), multipart (boto3 transfer manager, parallel parts) above it. benchmarks/upload.py
+    r2_multipart_threshold_mb: int = Field(1024, ge=5, le=5000, validation_alias="LORABOT_R2_MULTIPART_THRESHOLD_MB")
     r2_part_size_mb: int = Field(64, ge=5, le=5120, validation_alias="LORABOT_R2_PART_SIZE_MB")
     r2_max_concurrency: int = Field(8, ge=1, le=64, validation_alias="LORABOT_R2_MAX_CONCURRENCY")
 
@@ -147,6 +148,8 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(300.0, gt=0, validation_alias="LORABOT_REAPER_INTERVAL_S")
     # how often a running job's log and status are read from the box
     monitor_interval_s: float = Field(5.0, gt=0, validation_alias="LORABOT_MONITOR_INTERVAL_S")
+    # how often Vast.ai is asked whether a training job's instance is still there
+    instance_check_s: float = Field(30.0, gt=0, validation_alias="LORABOT_INSTANCE_CHECK_S")
     log_snippet_interval_s: float = Field(600.0, gt=0, validation_alias="LORABOT_LOG_SNIPPET_INTERVAL_S")
     # how long a job may go without reaching its box before it counts as lost (then: one retry elsewhere)
     ssh_lost_timeout_s: float = Field(300.0, gt=0, validation_alias="LORABOT_SSH_LOST_TIMEOUT_S")
