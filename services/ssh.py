@@ -477,7 +477,9 @@ class Box:
         cmd = self._command(argv)
         conn = await self._connection()
         try:
-            res = await asyncio.wait_for(conn.run(cmd, input=input, encoding=None, check=False), timeout)
+            # without input, stdin must still see EOF (asyncssh leaves it open), or a reader hangs
+            stdin: dict[str, Any] = {"input": input} if input else {"stdin": asyncssh.DEVNULL}
+            res = await asyncio.wait_for(conn.run(cmd, encoding=None, check=False, **stdin), timeout)
         except TimeoutError:
             raise SSHError(f"{argv[0]} timed out after {timeout}s") from None
         except (OSError, asyncssh.Error) as exc:

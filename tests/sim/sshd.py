@@ -125,6 +125,9 @@ class SshdServer:
             "LogLevel ERROR",
             "PrintMotd no",
             "UseDNS no",
+            # bash skips ~/.bashrc for sshd sessions when SHLVL is already set: a developer's heavy
+            # rc file (pyenv init...) would otherwise add ~0.3 s to every remote command
+            "SetEnv SHLVL=1",
         ]
         if _sshd_version(self.binary) >= (9, 8):
             # newer sshd penalises sources that fail auth; readiness retries would be locked out
