@@ -99,8 +99,9 @@ class Worker:
         for job_task, _ in list(self._running.values()):
             job_task.cancel()
         running = [t for t, _ in self._running.values()]
+        driven = list(self._running)  # _drive() forgets its job as its task ends: remember them first
         await asyncio.gather(*self._tasks, *running, return_exceptions=True)
-        for job_id in list(self._running):
+        for job_id in driven:
             with contextlib.suppress(Exception):
                 await self.store.release(job_id, self.owner)
         self._running.clear()
