@@ -246,3 +246,35 @@ async def test_upload_fails_cleanly_when_a_local_file_changed(sshd: SshdServer, 
         with pytest.raises(SSHError, match="changed since the manifest"):
             await box.upload_dataset(tmp_path / "ds", manifest, str(tmp_path / "box" / "ds"))
         assert (await box.run(["echo", "still usable"])).exit_status == 0
+
+
+# --- lorabot push-dataset -------------------------------------------------------------------------
+
+
+def test_push_dataset_cli_ships_and_verifies(
+    sshd: SshdServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from bot.cli import app
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in range(6):
+        Image.effect_noise((320, 320), 50).convert("RGB").save(src / f"im{n}.jpg", quality=90)
+        (src / f"im{n}.txt").write_text(f"photo {n}")
+    i = sshd.info
+    dest = i.root_dir / "pushed set"
+    args = ["push-dataset", str(src), "--host", i.host, "--port", str(i.port), "--user", i.user,
+            "--key", str(i.client_key_path), "--dest", str(dest), "--python", sys.executable]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "SHA256:" in res.output and "verified 12 files" in res.output
+    shipped = sorted(p.name for p in dest.iterdir())
+    assert shipped == sorted(p.name for p in src.iterdir())
+
+    sshd.deny_auth()
+    monkeypatch.setenv("LORABOT_SSH_CONNECT_TIMEOUT_S", "1")  # each readiness stage's deadline here
+    res = CliRunner().invoke(app, [*args[:-4], "--dest", str(dest) + "2", "--python", sys.executable])
+    assert res.exit_code == 3 and "auth stage failed" in res.output
