@@ -422,3 +422,56 @@ def test_stall_detector_done_and_bad_timeout() -> None:
     assert det.check() is None
     with pytest.raises(ValueError):
         StallDetector(0)
+
+
+# --- against the stand-in trainer (tests/sim/trainer/run.py) with rendered configs --------------
+TRAINER = Path(__file__).resolve().parents[2] / "tests" / "sim" / "trainer" / "run.py"
+
+
+@pytest.mark.skipif(not TRAINER.exists(), reason="stand-in trainer not present")
+@pytest.mark.parametrize(
+    ("preset", "fault", "kind"),
+    [
+        ("character", "", None),
+        ("fast", "", None),
+        ("style", "oom@step7", FailureKind.CUDA_OOM),
+        ("fast", "gated", FailureKind.GATED_MODEL),
+        ("fast", "disk_full", FailureKind.DISK_FULL),
+        ("fast", "exception@step5", FailureKind.UNKNOWN),
+    ],
+)
+def test_stand_in_trainer_output(tmp_path: Path, preset: str, fault: str, kind: FailureKind | None) -> None:
+    import os
+    import subprocess
+
+    from PIL import Image
+
+    from services.recipe import FluxRecipe, expected_outputs, render_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text("a photo of ohwx")
+    recipe = FluxRecipe.from_preset(preset, name="n", trigger_word="ohwx", steps=20, save_every=10, sample_every=10)
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(render_config(recipe, job_name="lora_t", dataset_dir=str(data), training_folder=str(tmp_path / "o")))
+    env = {**os.environ, "LORABOT_SIM_SEC_PER_STEP": "0", "LORABOT_SIM_FAULT": fault,
+           "HF_TOKEN": "" if fault == "gated" else "hf_x", "PYTHONUNBUFFERED": "1"}
+    # one pipe for both, as the supervisor's log file has them
+    proc = subprocess.run([sys.executable, str(TRAINER), str(cfg)], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=60)
+    stream = proc.stdout
+    events = parse(stream, "lora_t", chunks=[97] * (len(stream) // 97))
+    assert events == parse(stream)
+    final = Path(expected_outputs("lora_t", str(tmp_path / "o")).final_lora)
+    outcome = classify_exit(proc.returncode, final.exists(), stream.decode(errors="replace"))
+    if kind is None:
+        assert proc.returncode == 0, stream.decode(errors="replace")[-2000:]
+        assert outcome.success and final.exists()
+        assert [c.step for c in of(events, CheckpointSaved)][-1] == 20
+        assert of(events, Step)[-1].step == 20
+        assert not of(events, Failure)
+    else:
+        assert not outcome.success and outcome.kind is kind, (outcome, stream.decode(errors="replace")[-1500:])
+        assert [f.kind for f in of(events, Failure)][:1] == [kind]
