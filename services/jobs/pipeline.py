@@ -421,7 +421,7 @@ class Pipeline:
             if now - last_snippet > self.s.log_snippet_interval_s:
                 last_snippet = now
                 await self._emit(job, LogSnippet(self._redact("\n".join(self._parser.tail()[-15:]))))
-            if now - last_api_check > 60:
+            if now - last_api_check > self.s.instance_check_s:
                 last_api_check = now
                 await self._ensure_instance_alive(job)
                 await self._emit(job, CostUpdate(job.cost_so_far(), job.dph_total or 0.0))
@@ -646,7 +646,9 @@ class Pipeline:
         """Ask the trainer to stop; with save-partial on, store the newest checkpoint."""
         try:
             remote = await asyncio.wait_for(self._remote_job(job), timeout=30)
-            await remote.stop()
+            status = await remote.status()
+            if status.phase != "absent" and not status.done:
+                await remote.stop()
             if not (self.s.save_partial_on_cancel and self.d.storage):
                 return None
             out = expected_outputs(job_name(job), self._paths(job)[2])

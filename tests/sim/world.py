@@ -56,6 +56,7 @@ class SimWorld:
             "ready_timeout_s": 30.0,
             "ssh_lost_timeout_s": 10.0,
             "monitor_interval_s": 0.2,
+            "instance_check_s": 0.5,
             "log_snippet_interval_s": 2.0,
             "stall_timeout_s": 20.0,
             "lease_s": 5.0,
