@@ -91,6 +91,7 @@ class Pipeline:
         self._loss_curve: list[tuple[int, float]] = []
         self._last_failure: prog.Failure | None = None
         self._seen_samples: set[str] = set()
+        self._last_download_note = 0.0
         self._work = Path(self.s.work_dir) / job_id
 
     # --- plumbing -----------------------------------------------------------------------------
@@ -464,8 +465,11 @@ class Pipeline:
                 job = await self.d.store.update(job.id, phase=ev.phase.value)
                 await self._emit(job, Readiness(ev.phase.value, ev.detail))
             elif isinstance(ev, prog.DownloadProgress):
-                done_gb, total_gb = ev.bytes_done / 1e9, ev.bytes_total / 1e9
-                await self._emit(job, Readiness("downloading", f"{done_gb:.1f}/{total_gb:.1f} GB"))
+                # download bars redraw ~10 times a second: pass one on every few seconds
+                if time.monotonic() - self._last_download_note >= 5.0:
+                    self._last_download_note = time.monotonic()
+                    done_gb, total_gb = ev.bytes_done / 1e9, ev.bytes_total / 1e9
+                    await self._emit(job, Readiness("downloading", f"{done_gb:.1f}/{total_gb:.1f} GB"))
             elif isinstance(ev, prog.CheckpointSaved) and not ev.final:
                 backed = await self._backup_checkpoint(job, ev.path)
                 job = await self.d.store.require(job.id)
