@@ -26,6 +26,7 @@ import concurrent.futures
 import hashlib
 import mimetypes
 import re
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -71,6 +72,19 @@ _HASH_BLOCK = 4 * MiB
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 T = TypeVar("T")
+
+# One boto3 session for every Storage: building a client from a fresh session re-reads the service
+# models (~0.2-0.4 s each); sessions are not thread-safe, so client creation takes a lock.
+_SESSION: boto3.session.Session | None = None
+_SESSION_LOCK = threading.Lock()
+
+
+def _new_client(**kwargs: Any) -> S3Client:
+    global _SESSION
+    with _SESSION_LOCK:
+        if _SESSION is None:
+            _SESSION = boto3.session.Session()
+        return _SESSION.client("s3", **kwargs)
 
 
 class StorageError(Exception):
@@ -290,9 +304,7 @@ class Storage:
             connect_timeout=15,
             read_timeout=120,
         )
-        # a private session: boto3's default session is not thread-safe to build clients from
-        self._client: S3Client = boto3.session.Session().client(
-            "s3",
+        self._client: S3Client = _new_client(
             endpoint_url=self.endpoint_url,
             aws_access_key_id=access_key_id,
             aws_secret_access_key=secret_access_key,

@@ -15,6 +15,7 @@ then serve presigned URLs (it expects an Authorization header), hence two separa
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import socket
@@ -65,17 +66,22 @@ class S3Server:
 
     def client(self) -> S3Client:
         """A plain boto3 client, for tests that inspect or tamper with the server's state."""
-        import boto3
-        from botocore.config import Config
+        return _client(self.endpoint_url, self.access_key_id, self.secret_access_key)
 
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=self.access_key_id,
-            aws_secret_access_key=self.secret_access_key,
-            region_name="us-east-1",
-            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
-        )
+
+@functools.lru_cache(maxsize=16)  # building a boto3 client costs ~0.3 s; these are reused a lot
+def _client(endpoint_url: str, access_key_id: str, secret_access_key: str) -> S3Client:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        aws_access_key_id=access_key_id,
+        aws_secret_access_key=secret_access_key,
+        region_name="us-east-1",
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+    )
 
 
 def _free_port() -> int:
