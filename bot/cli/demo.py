@@ -1,9 +1,130 @@
-"""CLI commands of this domain (filled in by the issue that owns it)."""
+"""`lorabot demo`: one whole job on the built-in local simulator.
+
+It starts the stand-ins of tests/sim (a Vast.ai emulator whose instances are a loopback OpenSSH sshd
+with the stand-in ai-toolkit trainer, and moto's S3 server for R2), makes a small dataset, and runs
+the same intake, worker and pipeline as the bot, printing what the channel would show. Nothing
+outside this machine is contacted.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
+import io
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+
+from bot.cli.common import EXIT_INFRA, EXIT_NOT_READY, EXIT_OK, fail, print_json
+
+DEMO_STEPS = 40
+
+
+def _missing() -> str | None:
+    """What the simulator needs that this machine lacks, said plainly."""
+    from tests.sim.sshd import find_sshd
+
+    if find_sshd() is None:
+        return ("the demo runs a local OpenSSH server as the rented GPU box, and sshd is not installed: "
+                "apt-get install openssh-server (or set LORABOT_SIM_SSHD to its path)")
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+        return "the demo stores the LoRA in a local S3 server: pip install 'moto[server]' (or pip install -e '.[dev]')"
+    return None
+
+
+def demo_dataset(n: int = 5, size: int = 320) -> bytes:
+    """A tiny captioned dataset (a zip, as people upload it)."""
+    from PIL import Image, ImageDraw
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(n):
+            img = Image.new("RGB", (size, size), (30 + 40 * i, 80, 150))
+            ImageDraw.Draw(img).ellipse((40 + 10 * i, 40, size - 40, size - 40 - 10 * i), fill=(230, 200, 60))
+            out = io.BytesIO()
+            img.save(out, "PNG")
+            zf.writestr(f"demo/sun_{i}.png", out.getvalue())
+            zf.writestr(f"demo/sun_{i}.txt", f"a drawing of a yellow sun, variant {i}")
+    return buf.getvalue()
+
+
+async def _run(root: Path, out: Console, steps: int) -> dict[str, Any]:
+    from bot.cli.train import CliNotifier
+    from services.jobs import JobStore
+    from services.jobs.intake import draft
+    from services.jobs.worker import Worker
+    from services.vastai import VastClient
+    from tests.sim.world import run_world
+
+    with run_world(root / "sim") as world:
+        settings = world.settings()
+        out.print(f"simulator up: Vast.ai emulator {world.vast.url}, box ssh {world.sshd.info.host}:"
+                  f"{world.sshd.info.port}, S3 {world.s3.endpoint_url}")
+        notifier = CliNotifier(out)
+        async with JobStore(settings.db_path) as store:
+            async with VastClient.from_settings(settings) as vast:
+                d = await draft(store, settings, source=demo_dataset(), user_id="demo", user_name="demo",
+                                origin="cli", name="demo sun", trigger="sunstyle", preset="fast",
+                                overrides={"steps": steps, "save_every": max(1, steps // 2),
+                                           "sample_every": max(1, steps // 2)}, vast=vast)
+            report = d.report
+            if report is not None:
+                out.print(f"dataset: {report.images} images, {report.captioned} captioned, ready={report.ready}")
+            if not d.ok:
+                return {"job_id": d.job.id, "state": d.job.state.value, "lora_url": None,
+                        "instances_left": len(world.vast.live_instances()), "cost_usd": 0.0, "reason": d.message}
+            if d.quote is not None:
+                out.print(f"quote: {d.quote.summary()}")
+            worker = Worker(store, settings, notifier, reaper=False, adopt=False)
+            await worker.start(recover=False)
+            t0 = time.monotonic()
+            try:
+                notifier.start()
+                await worker.submit(d.job.id)
+                job = await worker.wait(d.job.id, timeout=600)
+            finally:
+                notifier.stop()
+                await worker.stop()
+            return {
+                "job_id": job.id,
+                "state": job.state.value,
+                "lora_url": job.lora_url,
+                "instances_left": len(world.vast.live_instances()),
+                "cost_usd": round(job.cost_so_far(), 6),
+                "reason": job.reason,
+                "steps": job.step,
+                "final_loss": job.loss,
+                "wall_s": round(time.monotonic() - t0, 2),
+            }
+
+
+def demo(
+    as_json: Annotated[bool, typer.Option("--json", help="End with one JSON summary line on stdout.")] = False,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=2000, help="Training steps of the job.")] = DEMO_STEPS,
+) -> None:
+    """Run one whole job on the built-in local simulator (no account, no GPU, no network)."""
+    missing = _missing()
+    if missing:
+        fail(missing, EXIT_INFRA)
+    out = Console(stderr=True) if as_json else Console()
+    with tempfile.TemporaryDirectory(prefix="lorabot-demo-") as tmp:
+        summary = asyncio.run(_run(Path(tmp), out, steps))
+    if as_json:
+        sys.stdout.flush()
+        print_json(summary)
+    else:
+        out.print(f"\n[bold]{summary['state']}[/]: {summary['reason']}")
+        if summary.get("lora_url"):
+            out.print(f"LoRA: {summary['lora_url']} (the local S3 server is gone now that the demo ended)")
+        out.print(f"cost ${summary['cost_usd']:.4f}, instances left: {summary['instances_left']}")
+    raise typer.Exit(EXIT_OK if summary["state"] == "succeeded" and summary["instances_left"] == 0 else EXIT_NOT_READY)
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("demo")(demo)

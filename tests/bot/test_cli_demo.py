@@ -1,0 +1,24 @@
+"""`lorabot demo` as a new user runs it: one whole job on the local simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.sim.sshd import find_sshd
+
+
+@pytest.mark.skipif(find_sshd() is None, reason="OpenSSH sshd not installed (.ci/run installs it)")
+def test_demo_json_runs_a_whole_job_and_leaves_nothing_behind() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VASTAI_", "R2_", "LORABOT_", "DISCORD_"))}
+    p = subprocess.run(["lorabot", "demo", "--json", "--steps", "20"], capture_output=True, text=True, timeout=240,
+                       env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert {"job_id", "state", "lora_url", "instances_left", "cost_usd"} <= set(summary)
+    assert summary["state"] == "succeeded" and summary["instances_left"] == 0
+    assert summary["lora_url"].startswith("http://127.0.0.1:") and summary["cost_usd"] > 0
+    assert "training" in p.stderr and "collecting" in p.stderr  # what the channel would show
