@@ -339,7 +339,7 @@ class Pipeline:
 
     async def _ship(self, job: Job) -> Job:
         manifest = self._manifest(job)
-        config_text = self._config_text(job)
+        config_text = await asyncio.to_thread(self._config_text, job)  # YAML rendering is slow-ish
         root, dataset_dir, output = self._paths(job)
         assert job.dataset_dir is not None
         folder = Path(job.dataset_dir)
@@ -429,6 +429,8 @@ class Pipeline:
             await self._limits(job, started, now - last_output)
             await self._sleep(self.s.monitor_interval_s)
         measured = dict(job.measured, train_s=round(time.monotonic() - t0, 3))
+        if status.started_at and status.finished_at:  # the trainer's own run time, by the box's clock
+            measured["trainer_s"] = round(status.finished_at - status.started_at, 3)
         if job.sec_per_step:
             measured["sec_per_step"] = job.sec_per_step
         out = expected_outputs(job_name(job), self._paths(job)[2])
@@ -566,7 +568,8 @@ class Pipeline:
         storage = self.d.storage
         try:
             await self._upload_from_box(job, out.final_lora, keys.lora)
-            await storage.upload_bytes(self._config_text(job).encode(), keys.config)
+            config_text = await asyncio.to_thread(self._config_text, job)
+            await storage.upload_bytes(config_text.encode(), keys.config)
             log_local = self._work / "collect" / "log.txt"
             remote = await self._remote_job(job)
             await self._remote_call(job, "download log", lambda r: r.box.download(remote.log_path, log_local))
@@ -584,7 +587,7 @@ class Pipeline:
         except (StorageError, SSHError, OSError) as exc:
             raise InfraFailure("collect", f"could not store the results: {exc}") from None
         expires = link.expires_at.timestamp() if link.expires_at else None
-        measured = dict(job.measured, collect_s=round(time.monotonic() - t0, 3))
+        measured = dict(job.measured, collect_s=round(time.monotonic() - t0, 3), stored_at=time.time())
         job = await self.d.store.update(job.id, lora_key=keys.lora, lora_url=link.url, link_expires_at=expires,
                                         artifacts={**job.artifacts, "lora": keys.lora, "log": keys.log,
                                                    "config": keys.config}, measured=measured)

@@ -1,0 +1,115 @@
+"""Orchestration cost of the job pipeline on the local simulator, with no artificial delays.
+
+Prints, for one job: wall time, the trainer's own time, transfer time and what is left (the
+orchestration overhead, goal <= 3 s), and the teardown latency (result stored -> instance
+destroyed, goal <= 5 s). Then runs N jobs at once in this one process and prints the peak RSS of
+the process (goal <= 400 MB) and the event loop's lag p99 (goal <= 50 ms), measured by a ticker.
+
+    python benchmarks/pipeline.py [--jobs 100] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from services.jobs import Job, JobState, JobStore  # noqa: E402
+from services.jobs.events import NullNotifier  # noqa: E402
+from services.jobs.intake import draft  # noqa: E402
+from services.jobs.worker import Worker  # noqa: E402
+from tests.services.jobs.conftest import dataset_zip  # noqa: E402
+from tests.sim.vast import Quirks, make_offers  # noqa: E402
+from tests.sim.world import run_world  # noqa: E402
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def lag_probe(samples: list[float], stop: asyncio.Event, period: float = 0.01) -> None:
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        t = loop.time()
+        await asyncio.sleep(period)
+        samples.append(max(0.0, loop.time() - t - period))
+
+
+DATASET = dataset_zip(3, 256)  # made once: Pillow in the loop would be the benchmark's own lag
+
+
+async def one_job(worker: Worker, store: JobStore, steps: int, user: str) -> str:
+    assert worker.vast is not None  # one client per process, as the bot does
+    d = await draft(store, worker.settings, source=DATASET, user_id=user, name="bench", trigger="sks",
+                    overrides={"steps": steps, "save_every": 10_000, "sample_every": 0}, vast=worker.vast)
+    assert d.ok, d.message
+    await worker.submit(d.job.id)
+    return d.job.id
+
+
+def report_single(job: Job, wall: float) -> None:
+    m = job.measured
+    trainer = float(m.get("trainer_s", 0.0))
+    transfer = float(m.get("upload_s", 0.0)) + float(m.get("collect_s", 0.0))
+    overhead = wall - trainer - transfer
+    teardown = (job.instance_gone_at or 0) - float(m.get("stored_at", 0.0))
+    print(f"single job: wall {wall:.2f} s, trainer {trainer:.2f} s, transfers {transfer:.2f} s")
+    print(f"orchestration overhead: {overhead:.2f} s (goal <= 3 s) {'OK' if overhead <= 3 else 'OVER'}")
+    print(f"teardown latency: {teardown:.2f} s (goal <= 5 s) {'OK' if teardown <= 5 else 'OVER'}")
+
+
+async def main(n_jobs: int, steps: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="lorabot-bench-") as tmp:
+        offers = make_offers(n=max(24, n_jobs * 3))
+        for o in offers:  # a market where every offer qualifies
+            o.update(gpu_name="RTX 4090", num_gpus=1, reliability=0.99, inet_down=1000.0, dph_total=0.4)
+        with run_world(Path(tmp), quirks=Quirks(loading_s=0.0), sec_per_step=0.01) as world:
+            world.vast.offers = offers
+            world.vast.credit = 1e6
+            settings = world.settings(max_concurrent_jobs=n_jobs, max_jobs_per_user=n_jobs,
+                                      global_daily_budget=1e6, user_daily_budget=1e6, backup_checkpoints=False)
+            async with JobStore(settings.db_path) as store:
+                worker = Worker(store, settings, NullNotifier(), reaper=False)
+                await worker.start(recover=False)
+                try:
+                    t0 = time.monotonic()
+                    job_id = await one_job(worker, store, steps, "solo")
+                    job = await worker.wait(job_id, timeout=300)
+                    wall = time.monotonic() - t0
+                    assert job.state == JobState.SUCCEEDED, job.reason
+                    report_single(job, wall)
+
+                    base_rss = rss_mb()
+                    samples: list[float] = []
+                    stop = asyncio.Event()
+                    probe = asyncio.create_task(lag_probe(samples, stop))
+                    t0 = time.monotonic()
+                    ids = await asyncio.gather(*(one_job(worker, store, steps, f"u{i}") for i in range(n_jobs)))
+                    jobs = await asyncio.gather(*(worker.wait(j, timeout=1800) for j in ids))
+                    stop.set()
+                    await probe
+                finally:
+                    await worker.stop()
+            ok = sum(j.state == JobState.SUCCEEDED for j in jobs)
+            p99 = statistics.quantiles(samples, n=100)[98] * 1000 if len(samples) > 100 else float("nan")
+            peak = rss_mb()
+            print(f"{n_jobs} concurrent jobs: {ok} succeeded in {time.monotonic() - t0:.1f} s, "
+                  f"instances left {len(world.vast.live_instances())}")
+            print(f"peak RSS: {peak:.0f} MB (before the batch {base_rss:.0f} MB; goal <= 400 MB) "
+                  f"{'OK' if peak <= 400 else 'OVER'}")
+            print(f"event-loop lag p99: {p99:.1f} ms (goal <= 50 ms) {'OK' if p99 <= 50 else 'OVER'}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--jobs", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    asyncio.run(main(args.jobs, args.steps))
