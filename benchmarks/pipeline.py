@@ -21,13 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.jobs import Job, JobState, JobStore  # noqa: E402
-from services.jobs.events import NullNotifier  # noqa: E402
-from services.jobs.intake import draft  # noqa: E402
-from services.jobs.worker import Worker  # noqa: E402
-from tests.services.jobs.conftest import dataset_zip  # noqa: E402
-from tests.sim.vast import Quirks, make_offers  # noqa: E402
-from tests.sim.world import run_world  # noqa: E402
+from services.jobs import Job, JobState, JobStore
+from services.jobs.events import NullNotifier
+from services.jobs.intake import draft
+from services.jobs.worker import Worker
+from tests.services.jobs.conftest import dataset_zip
+from tests.sim.vast import Quirks, make_offers
+from tests.sim.world import run_world
 
 
 def rss_mb() -> float:
