@@ -1,4 +1,4 @@
-"""Job commands: jobs, reconcile (and, with the CLI front-end, train/launch/status/cancel/logs/ssh)."""
+"""Job commands: jobs, reconcile (train/launch/ssh/status/cancel/logs live in bot/cli/train.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from rich.table import Table
 
 from bot.cli.common import EXIT_INFRA, console, fail, print_json, run, settings
 from services.jobs import Job, JobStore
-from services.jobs.worker import find_orphans
 from services.settings import Settings
-from services.vastai import VastClient, VastError
 
 T = TypeVar("T")
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
@@ -73,6 +71,9 @@ def reconcile(
     as_json: JsonOpt = False,
 ) -> None:
     """Instances labelled with LORABOT_LABEL_PREFIX that no live job owns (orphans that bill)."""
+    from services.jobs.worker import find_orphans
+    from services.vastai import VastClient, VastError
+
     s = settings("vastai_api_key", why="to list instances")
 
     async def go() -> list[dict[str, Any]]:
@@ -97,7 +98,6 @@ def reconcile(
     for r in rows:
         verb = "destroyed" if destroy else "orphan (run with --destroy)"
         console.print(f"instance {r['id']} label {r['label']} ${r['dph_total']:.3f}/h: {verb}")
-
 
 
 def register(app: typer.Typer) -> None:

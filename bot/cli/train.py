@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -192,6 +193,7 @@ class CliNotifier:
         self._progress: Any = None
         self._task: Any = None
         self._last_line = 0.0
+        self._held: list[tuple[str, str]] | None = None  # lines kept back while a question is asked
 
     def start(self) -> None:
         if not self.live or self._progress is not None:
@@ -209,7 +211,23 @@ class CliNotifier:
             self._progress.stop()
             self._progress = None
 
+    def pause(self, paused: bool) -> None:
+        """Hold output back while a question is asked; then show what was held and the live display."""
+        if paused:
+            self._held = []
+            if self._progress is not None:
+                self._progress.stop()
+            return
+        held, self._held = self._held or [], None
+        if self._progress is not None:
+            self._progress.start()
+        for text, style in held:
+            self.say(text, style)
+
     def say(self, text: str, style: str = "") -> None:
+        if self._held is not None:
+            self._held.append((text, style))
+            return
         target = self._progress.console if self._progress is not None else self.out
         stamp = time.strftime("%H:%M:%S")
         target.print(f"[dim]{stamp}[/] " + (f"[{style}]{text}[/]" if style else text), highlight=False,
@@ -278,8 +296,9 @@ class Outcome:
 async def _ask_interrupt(out: Console) -> OnInterrupt | None:
     """Read a choice from the terminal without blocking the loop (the job goes on meanwhile)."""
     loop = asyncio.get_running_loop()
-    out.print("\n[bold]Interrupted.[/] [c]ancel the job (destroys the machine), [d]etach (it keeps running "
-              "and billing without this process), or [r]esume watching? [c/d/R] ", end="")
+    out.print("\n[bold]Interrupted.[/] \\[c]ancel the job (destroys the machine), \\[d]etach (it keeps running "
+              "and billing without this process), or \\[r]esume watching? \\[c/d/R] ", end="", highlight=False)
+    out.file.flush()
     fut: asyncio.Future[str] = loop.create_future()
 
     def readable() -> None:
@@ -308,8 +327,11 @@ async def drive(
     out: Console,
     on_interrupt: OnInterrupt,
     interactive: bool,
+    pause: Callable[[bool], None] | None = None,
 ) -> Outcome:
-    """Wait for the job while this process drives it; SIGINT/SIGTERM cancel or detach it."""
+    """Wait for the job while this process drives it; SIGINT/SIGTERM cancel or detach it.
+
+    `pause(True)` hides the live display while a question is asked, `pause(False)` brings it back."""
     loop = asyncio.get_running_loop()
     signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -328,7 +350,17 @@ async def drive(
             if choice == OnInterrupt.ASK:
                 choice = OnInterrupt.DETACH
                 if sig == signal.SIGINT and interactive:
-                    choice = await _ask_interrupt(out)
+                    if pause is not None:
+                        pause(True)
+                    ask = asyncio.ensure_future(_ask_interrupt(out))
+                    done, _ = await asyncio.wait({wait_task, ask}, return_when=asyncio.FIRST_COMPLETED)
+                    if pause is not None:
+                        pause(False)
+                    if wait_task in done:  # the job ended while we asked
+                        ask.cancel()
+                        out.print()
+                        return Outcome(wait_task.result(), "ended")
+                    choice = ask.result()
             if choice is None:
                 continue
             if choice == OnInterrupt.CANCEL:
@@ -446,7 +478,10 @@ def _make_draft(s: Settings, source: str, *, name: str, trigger: str, preset: st
                                trigger=trigger, preset=preset, overrides=overrides, max_price=max_price, vast=vast,
                                train=train)
 
-    return run(go())
+    try:
+        return run(go())
+    except KeyboardInterrupt:
+        fail("interrupted while checking the dataset; nothing was rented", EXIT_CANCELLED)
 
 
 def _confirm(s: Settings, d: Draft, *, yes: bool, as_json: bool, what: str, out: Console) -> None:
@@ -457,8 +492,12 @@ def _confirm(s: Settings, d: Draft, *, yes: bool, as_json: bool, what: str, out:
     if as_json or not sys.stdin.isatty():
         _with_store(s, lambda st: decline(st, d.job.id, "not confirmed (no --yes without a terminal)"))
         fail("confirmation needed: pass --yes (no prompts with --json or without a terminal); nothing was rented")
-    if not typer.confirm(f"Rent a {d.offer.gpu_name if d.offer else 'GPU'} and {what}?", default=False,
-                         err=out is err_console):
+    try:
+        confirmed = typer.confirm(f"Rent a {d.offer.gpu_name if d.offer else 'GPU'} and {what}?", default=False,
+                                  err=out is err_console)
+    except click.exceptions.Abort:  # Ctrl-C or EOF at the prompt
+        confirmed = False
+    if not confirmed:
         _with_store(s, lambda st: decline(st, d.job.id, "declined on the command line"))
         out.print("declined; nothing was rented")
         raise typer.Exit(EXIT_CANCELLED)
@@ -486,7 +525,7 @@ def _drive_job(s: Settings, job_id: str, *, fresh: bool, out: Console, show_logs
                     await store.update(job_id, detached=False)
                     waiter = worker.run_here(job_id)
                 return await drive(store, worker, job_id, waiter, out=out, on_interrupt=on_interrupt,
-                                   interactive=interactive)
+                                   interactive=interactive, pause=notifier.pause)
             finally:
                 notifier.stop()
                 await worker.stop()
@@ -574,6 +613,8 @@ def train(
         _require_for_renting(s, r2=True)
         job = _load_job(s, attach)
         _check_attachable(s, job)
+        if job.state.terminal:
+            _finish(s, Outcome(job, "ended"), as_json=as_json, out=out)
         outcome = _drive_job(s, job.id, fresh=False, out=out, show_logs=logs, on_interrupt=on_interrupt,
                              interactive=interactive)
         _finish(s, outcome, as_json=as_json, out=out)
@@ -611,7 +652,8 @@ def _check_attachable(s: Settings, job: Job) -> None:
              f"`lorabot cancel {job.id}` when done")
     owner = driven_by(job, s)
     if owner is not None:
-        fail(f"job {job.id} is driven by {owner}; watch it with `lorabot status {job.id} --follow`")
+        fail(f"job {job.id} is driven by {owner}; watch it with `lorabot status {job.id} --follow` (if that "
+             f"process died, its lease runs out within {s.lease_s:.0f} s)")
 
 
 def launch(

@@ -8,6 +8,7 @@ which keeps this file's runtime down (each `lorabot` start costs seconds of impo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -146,6 +147,7 @@ def test_train_to_success_then_status_logs_and_ssh_refused(world: SimWorld) -> N
     assert human.exit_code == 0 and "succeeded" in human.stdout
     assert doc["lora_url"] in human.stdout.replace("\n", "")
     assert job_id in cli(world, "status").stdout
+    assert [j["job_id"] for j in json.loads(cli(world, "jobs", "--json").stdout)] == [job_id]
 
     log = cli(world, "logs", job_id)  # the box is gone: the copy stored in R2
     assert log.exit_code == 0, log.stderr
@@ -205,6 +207,7 @@ def test_sigint_without_a_terminal_detaches_and_attach_finishes(world: SimWorld)
     status = json.loads(cli(world, "status", job["id"], "--json").stdout)
     assert status["driven_by"] is None and status["detached"] is True and status["live_box"] is True
     assert "nothing drives this job" in cli(world, "status", job["id"]).stdout
+    assert json.loads(cli(world, "reconcile", "--json").stdout) == []  # a detached job's box is no orphan
 
     attach = lorabot(world, "train", "--attach", job["id"], "--json")
     assert attach.returncode == 0, attach.stderr[-3000:]
@@ -265,3 +268,31 @@ def test_refusals_rent_nothing(world: SimWorld) -> None:
     assert cli(world, "train", "--name", "x").exit_code == 2
     assert cli(world, "logs", jobs_in(world)[0]["id"]).exit_code == 1  # never trained: no log anywhere
     assert world.vast.live_instances() == []
+
+
+def test_on_a_terminal_confirm_then_ctrl_c_asks_and_cancels(world: SimWorld) -> None:
+    pexpect = pytest.importorskip("pexpect")
+    world.box.set_sec_per_step(0.1)
+    child = pexpect.spawn("lorabot", ["train", dataset(world), "--name", "cat lora", "--trigger", "sks", "--steps",
+                                      "400"], env=_env(world), encoding="utf-8", timeout=60, dimensions=(40, 160))
+    try:
+        child.expect(r"Rent a RTX 4090 and train 'cat lora'\?")
+        child.sendline("y")
+
+        def training_while_reading() -> Any:
+            with contextlib.suppress(pexpect.TIMEOUT):  # keep reading: a full pty would block the live display
+                child.read_nonblocking(1 << 16, timeout=0.05)
+            return training_job(world)
+
+        wait_for("training", training_while_reading)
+        child.sendintr()
+        child.expect(r"\[c\]ancel the job")
+        assert len(world.vast.live_instances()) == 1  # still training while the question waits
+        child.sendline("c")
+        child.expect(pexpect.EOF, timeout=60)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 4, child.before
+    assert world.vast.live_instances() == []
+    (job,) = jobs_in(world)
+    assert job["state"] == "cancelled" and job["instance_gone_at"]
