@@ -519,7 +519,13 @@ def _drive_job(s: Settings, job_id: str, *, fresh: bool, out: Console, show_logs
             notifier.start()
             try:
                 if fresh:
-                    await worker.submit(job_id)
+                    # hold the lease before the job is queued: a bot on this store adopts queued jobs nobody holds
+                    await store.claim(job_id, worker.owner, s.lease_s)
+                    try:
+                        await worker.submit(job_id)
+                    except JobRefused:
+                        await store.release(job_id, worker.owner)
+                        raise
                     waiter: Awaitable[Job] = worker.wait(job_id)
                 else:
                     await store.update(job_id, detached=False)

@@ -8,12 +8,14 @@ which keeps this file's runtime down (each `lorabot` start costs seconds of impo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +27,9 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from bot.cli import app
+from services.jobs import JobStore
+from services.jobs.events import NullNotifier
+from services.jobs.worker import Worker
 from tests.services.jobs.conftest import dataset_zip
 from tests.sim.sshd import find_sshd
 from tests.sim.world import HF_TOKEN, SimWorld, run_world
@@ -216,6 +221,69 @@ def test_sigint_without_a_terminal_detaches_and_attach_finishes(world: SimWorld)
     assert done["instances_left"] == 0 and world.vast.live_instances() == []
     (stored,) = jobs_in(world)
     assert stored["detached"] is False and stored["owner"] is None
+
+
+@contextlib.contextmanager
+def bot_worker(world: SimWorld) -> Iterator[str]:
+    """The Discord bot's worker without Discord: the same store, adopting jobs nobody drives, with a reaper."""
+    settings = world.settings()
+    owner = "bot:test"
+    ready, stop = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    async def main() -> None:
+        async with JobStore(settings.db_path) as store:
+            worker = Worker(store, settings, NullNotifier(), owner=owner)
+            await worker.start()
+            ready.set()
+            try:
+                while not stop.is_set():
+                    await asyncio.sleep(0.1)
+            finally:
+                await worker.stop()
+
+    def thread_main() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            errors.append(exc)
+            ready.set()
+
+    thread = threading.Thread(target=thread_main, name="bot-worker")
+    thread.start()
+    assert ready.wait(30) and not errors, errors
+    try:
+        yield owner
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors, errors
+
+
+def test_with_the_bot_on_the_same_store_cli_keeps_its_job_and_the_bot_adopts_it_on_detach(
+    world: SimWorld,
+) -> None:
+    world.box.set_sec_per_step(0.1)
+    with bot_worker(world) as bot:
+        train = Background(world, "train", dataset(world), *TRAIN, "--steps", "60")
+        try:
+            job = wait_for("training", lambda: training_job(world), proc=train)
+            for _ in range(20):  # the bot's worker looks for jobs to adopt every ~1.25 s: it must leave this one
+                (now,) = jobs_in(world)
+                assert now["owner"] and now["owner"] != bot and f":{train.proc.pid}:" in now["owner"]
+                time.sleep(0.1)
+            train.proc.send_signal(signal.SIGINT)
+            rc, out, err = train.wait(60)
+        finally:
+            train.kill()
+        assert rc == 5 and json.loads(out)["detached"] is True, err[-3000:]
+        done = wait_for("the bot to finish the detached job",
+                        lambda: [j for j in jobs_in(world) if j["state"] in ("succeeded", "failed")], timeout=90)
+    assert done[0]["state"] == "succeeded" and done[0]["id"] == job["id"], done[0]["reason"]
+    history = [r[0] for r in sqlite3.connect(world.values()["db_path"]).execute(
+        "SELECT dst FROM job_events WHERE job_id = ? ORDER BY seq", (job["id"],))]
+    assert history[-3:] == ["training", "collecting", "succeeded"]  # the bot re-attached; nothing re-rented
+    assert world.vast.live_instances() == []
 
 
 def test_launch_ssh_with_the_pinned_key_then_cancel(world: SimWorld) -> None:
