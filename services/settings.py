@@ -48,18 +48,16 @@ class Settings(BaseSettings):
     vastai_backoff_max_s: float = Field(30.0, ge=0, validation_alias="LORABOT_VASTAI_BACKOFF_MAX_S")
     # minimum interval between two calls to the same endpoint (Vast.ai enforces per-endpoint pacing)
     vastai_min_interval_s: float = Field(0.25, ge=0, validation_alias="LORABOT_VASTAI_MIN_INTERVAL_S")
-    vastai_poll_interval_s: float = Field(10.0, gt=0, validation_alias="LORABOT_VASTAI_POLL_INTERVAL_S")
 
     # --- what to rent -------------------------------------------------------------------------
     gpu_name: str = Field("RTX 4090", validation_alias="LORABOT_GPU_NAME")
-    image: str = Field(
-        "vastai/pytorch:@vastai-automatic-tag", validation_alias="LORABOT_IMAGE"
-    )
+    # ai-toolkit's own image (repo at /app/ai-toolkit); it is built on CUDA 13, hence LORABOT_MIN_CUDA
+    image: str = Field("ostris/aitoolkit:latest", validation_alias="LORABOT_IMAGE")
     disk_gb: float = Field(80.0, ge=8, validation_alias="LORABOT_DISK_GB")
     max_price: float = Field(1.0, gt=0, validation_alias="LORABOT_MAX_PRICE")  # $/h, server cap
     min_reliability: float = Field(0.97, ge=0, le=1, validation_alias="LORABOT_MIN_RELIABILITY")
     min_inet_down: float = Field(200.0, ge=0, validation_alias="LORABOT_MIN_INET_DOWN")
-    min_cuda: float = Field(12.1, ge=0, validation_alias="LORABOT_MIN_CUDA")
+    min_cuda: float = Field(13.0, ge=0, validation_alias="LORABOT_MIN_CUDA")
     rent_attempts: int = Field(5, ge=1, le=50, validation_alias="LORABOT_RENT_ATTEMPTS")
 
     # --- Discord ------------------------------------------------------------------------------
@@ -121,9 +119,12 @@ class Settings(BaseSettings):
 
     # --- the rented box -----------------------------------------------------------------------
     remote_root: str = Field("/workspace/lorabot", validation_alias="LORABOT_REMOTE_ROOT")
-    aitoolkit_dir: str = Field("/workspace/ai-toolkit", validation_alias="LORABOT_AITOOLKIT_DIR")
+    aitoolkit_dir: str = Field("/app/ai-toolkit", validation_alias="LORABOT_AITOOLKIT_DIR")
     remote_python: str = Field("python3", validation_alias="LORABOT_REMOTE_PYTHON")
-    ready_probe: str = Field("nvidia-smi -L", validation_alias="LORABOT_READY_PROBE")
+    # run with `sh -c` on the box: the GPU answers and the trainer is there
+    ready_probe: str = Field(
+        "nvidia-smi -L && test -f /app/ai-toolkit/run.py", validation_alias="LORABOT_READY_PROBE"
+    )
     ready_timeout_s: float = Field(1200.0, gt=0, validation_alias="LORABOT_READY_TIMEOUT_S")
     ssh_connect_timeout_s: float = Field(15.0, gt=0, validation_alias="LORABOT_SSH_CONNECT_TIMEOUT_S")
     # keepalive every N s; the link counts as dead after ssh_keepalive_count unanswered ones

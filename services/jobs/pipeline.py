@@ -234,7 +234,7 @@ class Pipeline:
         deadlines = ReadinessDeadlines(api=total, tcp=total / 2, auth=total / 2, probe=total / 4)
         try:
             ready = await wait_ready(
-                [], self.s.ssh_key_path, probe=self.s.ready_probe, deadlines=deadlines,
+                [], self.s.ssh_key_path, probe=["sh", "-c", self.s.ready_probe], deadlines=deadlines,
                 known_host_key=job.host_key, on_stage=on_stage, api_poll=api_poll,
                 connect_timeout=self.s.ssh_connect_timeout_s,
             )

@@ -99,7 +99,7 @@ def make_offers(n: int = 24, seed: int = 7) -> list[dict[str, Any]]:
                 "inet_up": 80.0 + 30 * k,
                 "dlperf": 40.0 + k,
                 "disk_space": 100.0 + 10 * k,
-                "cuda_max_good": 12.4,
+                "cuda_max_good": 12.4 if i % 5 == 4 else 13.0,  # older drivers miss the CUDA 13 image
                 "geolocation": GEOS[i % len(GEOS)],
                 "verified": True,
                 "verification": "verified",
