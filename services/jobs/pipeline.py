@@ -195,13 +195,23 @@ class Pipeline:
             raise JobFailure("no_offers" if isinstance(exc, NoOffers) else "account", str(exc)) from None
         except VastError as exc:
             raise JobFailure("provider", f"Vast.ai: {exc}") from None
-        inst = await self.d.vast.show_instance(result.instance_id)
-        rented_at = (inst.start_date if inst and inst.start_date else None) or time.time()
+        # the id is stored before anything else can fail: from here on, every exit destroys it
         job = await self.d.store.update(
             job.id, instance_id=result.instance_id, offer_id=result.offer_id or job.offer_id,
-            machine_id=result.machine_id, dph_total=result.dph_total or (inst.dph_total if inst else None),
-            gpu_name=result.gpu_name or self.s.gpu_name, rented_at=rented_at, instance_gone_at=None,
+            machine_id=result.machine_id, dph_total=result.dph_total or None,
+            gpu_name=result.gpu_name or self.s.gpu_name, rented_at=job.rented_at or time.time(),
+            instance_gone_at=None,
         )
+        try:
+            inst = await self.d.vast.show_instance(result.instance_id)
+        except VastError:
+            inst = None
+        if inst is not None:
+            # bill from the contract's own start (an adopted rental may be older than this process)
+            job = await self.d.store.update(
+                job.id, rented_at=min(inst.start_date or time.time(), job.rented_at or time.time()),
+                dph_total=job.dph_total or inst.dph_total or None,
+            )
         try:
             await self.d.vast.attach_ssh_key(result.instance_id, pub)
         except VastError as exc:
@@ -610,6 +620,18 @@ class Pipeline:
     # --- endings ------------------------------------------------------------------------------
     async def _destroy(self, job: Job) -> Job:
         """Destroy the rented machine (verified) and settle its cost; retried, never skipped."""
+        if job.instance_id is None and job.label and job.state == S.RENTING:
+            # a create whose answer was lost may still have rented under our label
+            try:
+                found = await self.d.vast.find_by_label(job.label)
+            except VastError as exc:
+                raise JobFailure("destroy", f"cannot check label {job.label} for a rental: {exc}") from None
+            if found:
+                job = await self.d.store.update(job.id, instance_id=found[0].id,
+                                                rented_at=job.rented_at or found[0].start_date or time.time(),
+                                                dph_total=job.dph_total or found[0].dph_total or None)
+                for extra in found[1:]:
+                    await self.d.vast.destroy_instance(extra.id)
         if job.instance_id is None or job.instance_gone_at is not None:
             return job
         last: Exception | None = None

@@ -130,3 +130,21 @@ async def test_reaper_destroys_orphans_only(world: SimWorld, recorder: Recorder)
     async with VastClient.from_settings(settings) as vast:
         for iid in (owned, foreign):
             await vast.destroy_instance(iid)
+
+
+async def test_cancel_finds_a_rental_whose_id_was_never_stored(world: SimWorld, recorder: Recorder) -> None:
+    settings = world.settings()
+    async with JobStore(settings.db_path) as store:
+        job = await store.create(Job(user_id="u"))
+        await store.transition(job.id, JobState.QUEUED, "confirmed")
+        label = f"{settings.label_prefix}{job.id}"
+        await store.transition(job.id, JobState.RENTING, "renting", label=label)
+        world.vast.rent_outside(label)  # rented; the answer (and the process) was lost
+        worker = Worker(store, settings, recorder, reaper=False)
+        await worker.start(recover=False)
+        try:
+            result = await worker.cancel(job.id, by="operator")
+        finally:
+            await worker.stop()
+    assert result.job.state == JobState.CANCELLED and result.job.instance_gone_at is not None
+    assert world.vast.live_instances() == []
