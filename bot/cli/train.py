@@ -998,6 +998,14 @@ async def _box_log(s: Settings, job: Job, *, follow: bool) -> bool:
             fresh = await store.require(job.id)
             if fresh.state.terminal or fresh.state == JobState.PREPARED or fresh.instance_gone_at:
                 return True
+            try:
+                st = await remote.status()
+            except SSHError:
+                st = None
+            if st is not None and (st.done or st.lost):  # the trainer exited: print the rest and stop
+                data, offset = await remote.read_log(offset, 1 << 24)
+                _emit_log(data, secrets)
+                return True
             await asyncio.sleep(max(0.5, min(s.monitor_interval_s, 5.0)))
 
 

@@ -189,6 +189,8 @@ def test_cancel_from_a_second_process_while_training(world: SimWorld) -> None:
     assert rc == 4, err[-3000:]
     doc = json.loads(out)
     assert doc["state"] == "cancelled" and doc["instances_left"] == 0
+    followed = cli(world, "status", job["id"], "--follow", "--json")  # an ended job: at once, with its outcome
+    assert followed.exit_code == 4 and json.loads(followed.stdout)["state"] == "cancelled"
     assert world.vast.live_instances() == []
 
 
@@ -213,6 +215,8 @@ def test_sigint_without_a_terminal_detaches_and_attach_finishes(world: SimWorld)
     assert status["driven_by"] is None and status["detached"] is True and status["live_box"] is True
     assert "nothing drives this job" in cli(world, "status", job["id"]).stdout
     assert json.loads(cli(world, "reconcile", "--json").stdout) == []  # a detached job's box is no orphan
+    followed = cli(world, "logs", job["id"], "--follow")  # from the box, until its trainer exits
+    assert followed.exit_code == 0 and "50/50" in followed.stdout
 
     attach = lorabot(world, "train", "--attach", job["id"], "--json")
     assert attach.returncode == 0, attach.stderr[-3000:]
@@ -306,6 +310,15 @@ def test_launch_ssh_with_the_pinned_key_then_cancel(world: SimWorld) -> None:
     assert lines[:2] == [root, "8"]  # run in the job root; 4 images + 4 captions shipped
     assert f"lora_{job_id}" in cat.stdout and "steps: 30" in cat.stdout
     assert cli(world, "ssh", job_id, "--", "exit", "7").exit_code == 7  # the remote status comes back
+    pexpect = pytest.importorskip("pexpect")
+    shell = pexpect.spawn("lorabot", ["ssh", job_id], env=_env(world), encoding="utf-8", timeout=30)
+    try:  # on a terminal: an interactive login shell at the job root
+        shell.sendline("echo \"at:$(pwd)\"; exit 3")
+        shell.expect(f"at:{root}")
+        shell.expect(pexpect.EOF)
+    finally:
+        shell.close(force=True)
+    assert shell.exitstatus == 3
 
     world.sshd.restart(new_host_key=True)  # another machine answers at the same address: refused
     assert cli(world, "ssh", job_id, "--", "true").exit_code == 255
