@@ -371,6 +371,7 @@ async def drive(
                 return Outcome(result.job, "cancelled", result.destroyed_instance_id)
             wait_task.cancel()
             await worker.stop()  # the pipeline stops here; the box goes on; the lease is released
+            await store.release(job_id, worker.owner)  # also when it was still queued here (leased, not running)
             job = await store.require(job_id)
             if not job.state.terminal:
                 job = await store.update(job_id, detached=True)
