@@ -250,7 +250,15 @@ class Worker:
                         await self.store.transition(job.id, S.CANCELLED, "not confirmed in time; nothing was rented")
                 continue
             if job.state == S.PREPARED and not job.cancel_requested:
-                continue  # an operator's box (`lorabot launch`): cancel or the reaper end it
+                # an operator's box (`lorabot launch`): theirs until cancelled, but never forgotten
+                if now - job.updated_at > self.settings.max_runtime_s and await self.store.claim(
+                    job.id, self.owner, self.settings.lease_s
+                ):
+                    self._launch(job)
+                    self._running[job.id][1].request_cancel(
+                        f"expiry: a launched box unused for {self.settings.max_runtime_s / 3600:.1f} h")
+                    resumed.append(job.id)
+                continue
             if job.owner and job.owner != self.owner and (job.owner_seen_at or 0) > now - self.settings.lease_s:
                 continue  # another live process drives it
             if job.state == S.QUEUED:

@@ -148,3 +148,25 @@ async def test_cancel_finds_a_rental_whose_id_was_never_stored(world: SimWorld, 
             await worker.stop()
     assert result.job.state == JobState.CANCELLED and result.job.instance_gone_at is not None
     assert world.vast.live_instances() == []
+
+
+async def test_a_forgotten_launch_box_is_destroyed_after_the_max_runtime(world: SimWorld, recorder: Recorder) -> None:
+    settings = world.settings(max_runtime_s=1.0)
+    async with JobStore(settings.db_path) as store:
+        job = await store.create(Job(user_id="op", train=False))
+        label = f"{settings.label_prefix}{job.id}"
+        for dst in (JobState.QUEUED, JobState.RENTING, JobState.WAITING_READY, JobState.UPLOADING):
+            await store.transition(job.id, dst, "x", label=label)
+        iid = world.vast.rent_outside(label)
+        await store.transition(job.id, JobState.PREPARED, "shipped", instance_id=iid, rented_at=time.time())
+        worker = Worker(store, settings, recorder, reaper=False)
+        await worker.start(recover=False)
+        try:
+            assert await worker.recover() == []  # young: the operator's box is left alone
+            await asyncio.sleep(1.2)
+            assert await worker.recover() == [job.id]
+            done = await _wait(store, job.id, lambda j: j.state.terminal)
+        finally:
+            await worker.stop()
+    assert done.state == JobState.CANCELLED and "unused" in done.reason
+    assert world.vast.live_instances() == []
