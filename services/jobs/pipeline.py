@@ -41,7 +41,17 @@ from services.jobs.store import JobStore
 from services.recipe import FluxRecipe, expected_outputs, render_config
 from services.remote.driver import RemoteJob, RemoteStatus
 from services.settings import Settings, redact
-from services.ssh import Box, Endpoint, ReadinessDeadlines, ReadinessError, SSHError, wait_ready
+from services.ssh import (
+    Box,
+    Endpoint,
+    HostKeyMismatch,
+    ReadinessDeadlines,
+    ReadinessError,
+    RemoteCommandError,
+    SSHError,
+    VerificationError,
+    wait_ready,
+)
 from services.storage import Storage, StorageError, job_keys
 from services.vastai import InstanceStatus, NoOffers, VastClient, VastError, rent
 from services.vastai.errors import InsufficientCredit, VastAuthError
@@ -273,6 +283,8 @@ class Pipeline:
                                               python=self.s.remote_python)
                 self._remote = None
                 return self._box
+            except HostKeyMismatch as exc:
+                raise JobFailure("host_key", f"the machine's SSH host key changed mid-job: {exc}") from None
             except SSHError as exc:
                 await self._ensure_instance_alive(job)
                 if time.monotonic() > deadline:
@@ -314,6 +326,10 @@ class Pipeline:
             remote = await self._remote_job(job)
             try:
                 return await fn(remote)
+            except (RemoteCommandError, VerificationError):
+                raise  # the command failed on a working link: reconnecting would not help
+            except HostKeyMismatch as exc:
+                raise JobFailure("host_key", f"the machine's SSH host key changed mid-job: {exc}") from None
             except SSHError as exc:
                 log.info("job %s: %s failed (%s); reconnecting", job.id, what, exc)
                 await self._close_box()
@@ -565,7 +581,7 @@ class Pipeline:
             await self._remote_call(job, f"upload {posixpath.basename(path)}", direct)
             return
         except (SSHError, StorageError, ValueError, KeyError) as exc:
-            log.info("direct upload of %s failed (%s); falling back to SSH download", path, exc)
+            log.warning("direct upload of %s failed (%s); falling back to SSH download", path, exc)
         local = self._work / "collect" / posixpath.basename(path)
         await self._remote_call(job, "download", lambda r: r.box.download(path, local))
         await storage.upload_file(local, key)

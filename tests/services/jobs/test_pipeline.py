@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -98,3 +103,35 @@ async def test_cancel_while_training_destroys_and_reports_cost(h: Harness) -> No
     result = await h.worker.cancel(job_id, by="tester")
     assert result.job.state == JobState.CANCELLED and result.destroyed_instance_id is not None
     assert result.cost_usd > 0 and h.world.vast.live_instances() == []
+
+
+async def test_infra_retry_resumes_from_the_backed_up_checkpoint(h: Harness) -> None:
+    h.world.box.set_sec_per_step(0.1)
+    job_id = await h.submit(steps=60)
+    for _ in range(600):
+        job = await h.store.require(job_id)
+        if job.artifacts.get("checkpoint") and job.step >= 25:
+            break
+        await asyncio.sleep(0.05)
+    assert job.instance_id is not None
+    first_instance, first_machine = job.instance_id, job.machine_id
+    # the host goes away mid-training, and everything on it (on the simulator all instances share
+    # one sshd and disk: kill this job's processes and wipe its folder, as a dead host would)
+    h.world.vast.vanish(first_instance)
+    job_dir = h.world.box.remote_root / "jobs" / job_id
+    for pid_file in ("pid",):
+        with contextlib.suppress(OSError, ValueError):
+            os.killpg(int((job_dir / pid_file).read_text().split()[0]), signal.SIGKILL)
+    status = json.loads((job_dir / "status.json").read_text())
+    for key in ("trainer_pid", "supervisor_pid"):
+        with contextlib.suppress(OSError, TypeError, ProcessLookupError):
+            os.killpg(int(status.get(key)), signal.SIGKILL)
+    shutil.rmtree(job_dir, ignore_errors=True)
+    done = await h.worker.wait(job_id, timeout=120)
+    assert done.state == JobState.SUCCEEDED, done.reason
+    assert done.attempt == 2 and done.instance_id != first_instance
+    assert first_machine in done.excluded_machines
+    assert "resuming" in [e.step for e in h.recorder.of(Readiness)]  # type: ignore[attr-defined]
+    # the second box started from the checkpoint, not from step 0
+    log = (h.world.box.remote_root / "jobs" / job_id / "log.txt").read_text()
+    assert "RESUMING" in log.upper()
