@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,16 @@ for _var in list(os.environ):
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cwd(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Settings read ./.env: run each test in an empty folder so no stray file is picked up.
     monkeypatch.chdir(tmp_path)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Locally, tests that need OpenSSH's sshd skip with a reason; in CI a missing sshd must not
+    # turn the end-to-end suite into a silent row of skips.
+    if os.environ.get("CI"):
+        from tests.sim.sshd import find_sshd
+
+        if find_sshd() is None:
+            pytest.exit("CI: OpenSSH sshd is not installed (apt-get install openssh-server)", returncode=3)
