@@ -290,6 +290,7 @@ def test_with_the_bot_on_the_same_store_cli_keeps_its_job_and_the_bot_adopts_it_
 
 
 def test_launch_ssh_with_the_pinned_key_then_cancel(world: SimWorld) -> None:
+    pexpect = pytest.importorskip("pexpect")  # before renting: a skip later would leave the box billing
     p = lorabot(world, "launch", dataset(world), "--name", "cat lora", "--trigger", "sks", "--steps", "30",
                 "--yes", "--json")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -309,7 +310,6 @@ def test_launch_ssh_with_the_pinned_key_then_cancel(world: SimWorld) -> None:
     assert lines[:2] == [root, "8"]  # run in the job root; 4 images + 4 captions shipped
     assert f"lora_{job_id}" in cat.stdout and "steps: 30" in cat.stdout
     assert cli(world, "ssh", job_id, "--", "exit", "7").exit_code == 7  # the remote status comes back
-    pexpect = pytest.importorskip("pexpect")
     shell = pexpect.spawn("lorabot", ["ssh", job_id], env=_env(world), encoding="utf-8", timeout=30)
     try:  # on a terminal: an interactive login shell at the job root
         shell.sendline("echo \"at:$(pwd)\"; exit 3")
