@@ -6,7 +6,6 @@ import asyncio
 import logging
 import sys
 
-import discord
 import typer
 
 from services.settings import Settings, SettingsError, load_settings
@@ -43,6 +42,8 @@ async def serve(settings: Settings) -> None:
 def main() -> None:
     """Entry point of `python -m bot`."""
     settings = load()
+    import discord  # here, not at import: every other `lorabot` command starts faster
+
     discord.utils.setup_logging(level=logging.INFO)
     try:
         asyncio.run(serve(settings))
