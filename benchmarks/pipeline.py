@@ -33,6 +33,7 @@ from services.jobs import Job, JobState, JobStore
 from services.jobs.events import NullNotifier
 from services.jobs.intake import draft
 from services.jobs.worker import Worker
+from services.settings import Settings
 from tests.services.jobs.conftest import dataset_zip
 from tests.sim.vast import Quirks, make_offers
 from tests.sim.world import run_world
@@ -105,9 +106,10 @@ async def main(n_jobs: int, steps: int) -> None:
                 finally:
                     await worker.stop()
 
-                # many jobs: poll boxes at a production-like pace (the simulator's 0.2 s would mean
+                # many jobs: poll the boxes at the shipped defaults (the simulator's 0.2 s would mean
                 # 1000 SSH commands a second for 100 jobs, far beyond what a real deployment does)
-                batch = world.settings(**limits, monitor_interval_s=2.0, instance_check_s=30.0)
+                batch = world.settings(**limits, monitor_interval_s=Settings().monitor_interval_s,
+                                       instance_check_s=Settings().instance_check_s)
                 worker = Worker(store, batch, NullNotifier(), reaper=False)
                 await worker.start(recover=False)
                 try:
