@@ -140,6 +140,10 @@ class Settings(BaseSettings):
     # --- jobs, money and limits ---------------------------------------------------------------
     max_concurrent_jobs: int = Field(4, ge=1, validation_alias="LORABOT_MAX_CONCURRENT_JOBS")
     max_jobs_per_user: int = Field(1, ge=1, validation_alias="LORABOT_MAX_JOBS_PER_USER")
+    # jobs shipping their dataset at the same time, and datasets checked at the same time: both are
+    # CPU-heavy bursts that would stall the event loop for every running job if unbounded
+    max_concurrent_startups: int = Field(4, ge=1, validation_alias="LORABOT_MAX_CONCURRENT_STARTUPS")
+    max_concurrent_intakes: int = Field(2, ge=1, validation_alias="LORABOT_MAX_CONCURRENT_INTAKES")
     max_runtime_s: float = Field(4 * 3600.0, gt=0, validation_alias="LORABOT_MAX_RUNTIME_S")
     max_job_cost: float = Field(5.0, gt=0, validation_alias="LORABOT_MAX_JOB_COST")
     user_daily_budget: float = Field(10.0, gt=0, validation_alias="LORABOT_USER_DAILY_BUDGET")

@@ -7,6 +7,7 @@ Draft. Nothing is rented here; a job only reaches the worker once it is confirme
 from __future__ import annotations
 
 import asyncio
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,15 @@ from services.settings import Settings
 from services.vastai import Offer, OfferQuery, VastClient, VastError
 
 DEFAULT_PRESET = "character"
+_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, asyncio.Semaphore]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _intake_slots(n: int) -> asyncio.Semaphore:
+    """One semaphore per event loop and size: dataset QA is CPU-bound, a few at a time is enough."""
+    per_loop = _SLOTS.setdefault(asyncio.get_running_loop(), {})
+    return per_loop.setdefault(n, asyncio.Semaphore(n))
 
 
 @dataclass
@@ -91,7 +101,8 @@ async def draft(
 
     work = Path(settings.work_dir) / job.id
     try:
-        prepared = await prepare(source, work, settings, trigger)
+        async with _intake_slots(settings.max_concurrent_intakes):
+            prepared = await prepare(source, work, settings, trigger)
     except DatasetError as exc:
         report = rejected_report(exc)
         job = await _fail(store, job, f"dataset rejected: {exc}", "user")

@@ -15,7 +15,7 @@ import json
 import logging
 import posixpath
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,6 +71,9 @@ class Deps:
     vast: VastClient
     storage: Storage | None
     notifier: Notifier
+    # bounds the CPU-heavy start of jobs (SSH handshakes, streaming the dataset) so that many jobs
+    # starting at once do not stall the event loop for the ones already running
+    startups: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
 
 
 def job_name(job: Job) -> str:
@@ -381,7 +384,8 @@ class Pipeline:
             await self._restore_checkpoint(job, remote, output)
 
         try:
-            await self._remote_call(job, "upload", ship)
+            async with self.d.startups:
+                await self._remote_call(job, "upload", ship)
         except SSHError as exc:  # a checksum mismatch after retries: the link corrupts data
             raise InfraFailure("upload", f"dataset upload failed: {exc}") from None
         measured = dict(job.measured, upload_s=round(time.monotonic() - t0, 3))

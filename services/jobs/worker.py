@@ -74,6 +74,7 @@ class Worker:
         self._running: dict[str, tuple[asyncio.Task[Job], Pipeline]] = {}
         self._users: dict[str, str] = {}  # job id -> user id of running jobs
         self._wake = asyncio.Event()
+        self._startups = asyncio.Semaphore(settings.max_concurrent_startups)
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
 
@@ -115,7 +116,7 @@ class Worker:
     def deps(self) -> Deps:
         if self.vast is None:
             raise RuntimeError("the worker is not started")
-        return Deps(self.settings, self.store, self.vast, self._storage, self.notifier)
+        return Deps(self.settings, self.store, self.vast, self._storage, self.notifier, self._startups)
 
     # --- queue --------------------------------------------------------------------------------
     async def check_budget(self, job: Job) -> None:
