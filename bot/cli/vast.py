@@ -54,17 +54,9 @@ def query_from_settings(
     max_price: float | None = None,
     limit: int = 20,
 ) -> OfferQuery:
-    return OfferQuery(
-        gpu_name=gpu if gpu is not None else s.gpu_name,
-        num_gpus=num_gpus,
-        max_dph=max_price if max_price is not None else s.max_price,
-        min_reliability=s.min_reliability,
-        min_inet_down=s.min_inet_down,
-        min_disk_gb=s.disk_gb,
-        min_cuda=s.min_cuda,
-        regions=[r.strip().upper() for r in region.split(",")] if region else [],
-        limit=limit,
-    )
+    """The CLI's flags on top of the server's filters (an operator may look above the price cap)."""
+    return OfferQuery.from_settings(s, gpu=gpu, num_gpus=num_gpus, regions=(region or "").split(","),
+                                    max_dph=max_price, limit=limit)
 
 
 def _offers_table(offers: list[Offer]) -> Table:

@@ -45,16 +45,10 @@ class Draft:
 
 def offer_query(settings: Settings, max_price: float | None = None, exclude: list[int] | None = None) -> OfferQuery:
     """The offers a job may rent: the server's filters under min(user cap, server cap)."""
-    cap = min(max_price or settings.max_price, settings.max_price)
-    return OfferQuery(
-        gpu_name=settings.gpu_name,
-        num_gpus=1,
-        max_dph=cap,
-        min_reliability=settings.min_reliability,
-        min_inet_down=settings.min_inet_down,
-        min_disk_gb=settings.disk_gb,
-        min_cuda=settings.min_cuda,
-        exclude_machine_ids=list(exclude or []),
+    return OfferQuery.from_settings(
+        settings,
+        max_dph=min(max_price or settings.max_price, settings.max_price),
+        exclude_machine_ids=exclude,
         limit=max(20, settings.rent_attempts * 2),
     )
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from services.settings import Settings
 from services.vastai.models import Offer
 
 
@@ -57,6 +58,32 @@ class OfferQuery(BaseModel):
         body["allocated_storage"] = self.min_disk_gb
         body["limit"] = self.limit
         return body
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        gpu: str | None = None,
+        num_gpus: int = 1,
+        regions: list[str] | None = None,
+        max_dph: float | None = None,
+        exclude_machine_ids: list[int] | None = None,
+        limit: int = 20,
+    ) -> OfferQuery:
+        """The server's rental filters (settings), with the given overrides."""
+        return cls(
+            gpu_name=gpu if gpu is not None else settings.gpu_name,
+            num_gpus=num_gpus,
+            max_dph=max_dph if max_dph is not None else settings.max_price,
+            min_reliability=settings.min_reliability,
+            min_inet_down=settings.min_inet_down,
+            min_disk_gb=settings.disk_gb,
+            min_cuda=settings.min_cuda,
+            regions=[r.strip().upper() for r in regions or [] if r.strip()],
+            exclude_machine_ids=list(exclude_machine_ids or []),
+            limit=limit,
+        )
 
     def accepts(self, offer: Offer) -> bool:
         """Re-check on our side: search results are cached and filters may be ignored."""
