@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# the `world` fixture: the whole simulator for one test (tests/sim/world.py)
+pytest_plugins = ["tests.sim.world"]
+
 # Never let a developer's real .env or environment leak into the tests.
 for _var in list(os.environ):
     if _var.startswith(("VASTAI_", "DISCORD_", "R2_", "LORABOT_")) or _var == "HF_TOKEN":

@@ -30,18 +30,7 @@ from services.jobs import JobStore
 from services.jobs.events import NullNotifier
 from services.jobs.worker import Worker
 from tests.services.jobs.conftest import dataset_zip
-from tests.sim.sshd import find_sshd
-from tests.sim.world import HF_TOKEN, SimWorld, run_world
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[SimWorld]:
-    if find_sshd() is None:
-        pytest.skip("OpenSSH sshd not installed (apt-get install openssh-server, as .ci/run does)")
-    with run_world(tmp_path) as w:
-        yield w
-        # money first: whatever a test did, nothing may be left billing
-        assert w.vast.live_instances() == [], "a test left a rented instance behind"
+from tests.sim.world import HF_TOKEN, SimWorld
 
 
 def _env(world: SimWorld) -> dict[str, str]:

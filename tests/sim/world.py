@@ -95,3 +95,24 @@ def run_world(
         )
         s3 = stack.enter_context(run_s3_server())
         yield SimWorld(root=root, sshd=sshd, box=box, vast=vast, s3=s3)
+
+
+# --- pytest fixture (pytest imported lazily so that `lorabot demo` does not need it) ---------------
+try:
+    import pytest
+except ImportError:  # pragma: no cover - outside the test environment
+    pytest = None  # type: ignore[assignment]
+
+if pytest is not None:
+
+    @pytest.fixture
+    def world(tmp_path: Path) -> Iterator[SimWorld]:
+        """The whole simulator for one test; fails the test if it left an instance billing."""
+        from tests.sim.sshd import find_sshd
+
+        if find_sshd() is None:
+            pytest.skip("OpenSSH sshd not installed (apt-get install openssh-server, as .ci/run does)")
+        with run_world(tmp_path) as w:
+            yield w
+            # money first: whatever a test did, nothing may be left billing
+            assert w.vast.live_instances() == [], "a test left a rented instance behind"

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from services.jobs.events import JobEvent
 from services.jobs.model import Job
-from tests.sim.sshd import find_sshd
-from tests.sim.world import SimWorld, run_world
 
 
 class Recorder:
@@ -39,16 +35,6 @@ def dataset_zip(n: int = 4, size: int = 320, caption: str = "a photo of sks cat"
             zf.writestr(f"cat_{i}.png", b.getvalue())
             zf.writestr(f"cat_{i}.txt", f"{caption} number {i}")
     return buf.getvalue()
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[SimWorld]:
-    if find_sshd() is None:
-        pytest.skip("OpenSSH sshd not installed (apt-get install openssh-server, as .ci/run does)")
-    with run_world(tmp_path) as w:
-        yield w
-        # money first: whatever a test did, nothing may be left billing
-        assert w.vast.live_instances() == [], "a test left a rented instance behind"
 
 
 @pytest.fixture
