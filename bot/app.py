@@ -8,6 +8,7 @@ They are deliberately not settings and are never needed in production.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 EXTENSIONS = ("cogs.offers", "cogs.train", "cogs.status", "cogs.cancel", "cogs.admin")
 API_BASE_ENV = "LORABOT_DISCORD_API_BASE"  # test-only
 GATEWAY_ENV = "LORABOT_DISCORD_GATEWAY"  # test-only
+SHUTDOWN_FLUSH_S = 10.0
 
 
 def apply_test_endpoints(environ: dict[str, str] | None = None) -> None:
@@ -126,6 +128,23 @@ async def defer(interaction: discord.Interaction, *, ephemeral: bool) -> None:
     await interaction.response.defer(thinking=True, ephemeral=ephemeral)
 
 
+def _shield_requests(http: discord.http.HTTPClient) -> None:
+    """Make every REST request finish even when its caller is cancelled (a cancelled job, a timeout).
+
+    discord.py 2.x clears its global rate-limit event before sleeping out a global 429 and sets it
+    again only after the sleep: a request cancelled in that sleep leaves every later request of the
+    client waiting forever. Each request runs as its own task; a cancelled caller just stops waiting."""
+    request = http.request
+
+    async def shielded(*args: Any, **kwargs: Any) -> Any:
+        task = asyncio.ensure_future(request(*args, **kwargs))
+        # a result nobody waits for any more must not be reported as "never retrieved"
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(task)
+
+    setattr(http, "request", shielded)  # noqa: B010 - an instance override of a library method
+
+
 class LoraBot(commands.Bot):
     def __init__(
         self,
@@ -147,6 +166,7 @@ class LoraBot(commands.Bot):
             allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True),
             **options,
         )
+        _shield_requests(self.http)
         self.settings = settings
         self._vast_factory = vast_factory or (lambda: VastClient.from_settings(settings))
         self._storage = storage
@@ -172,7 +192,11 @@ class LoraBot(commands.Bot):
 
     async def close(self) -> None:
         try:
-            await self.notifier.flush()
+            # a slow or rate-limited Discord must not hold up a shutdown
+            async with asyncio.timeout(SHUTDOWN_FLUSH_S):
+                await self.notifier.flush()
+        except TimeoutError:
+            log.warning("status messages not flushed within %.0f s of shutting down", SHUTDOWN_FLUSH_S)
         except Exception:
             log.exception("flushing status messages failed")
         if self.worker is not None:

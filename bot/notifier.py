@@ -61,6 +61,7 @@ class _Track:
     queue_position: int | None = None
     thread_id: int | None = None
     pending: asyncio.Task[None] | None = None
+    writing: bool = False  # the pending edit is past its wait and talking to Discord
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     done: bool = False
 
@@ -93,14 +94,12 @@ class DiscordNotifier:
     async def flush(self) -> None:
         """Write every pending status edit now (tests, shutdown)."""
         for track in list(self._tracks.values()):
-            if track.pending is not None and not track.pending.done():
-                track.pending.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await track.pending
+            await self._settle(track)
             if track.message_id is not None and not track.done:
                 await self._write_status(track)
 
     async def close(self) -> None:
+        # shutdown: whatever is still pending is dropped; the client goes away with it
         for track in self._tracks.values():
             if track.pending is not None:
                 track.pending.cancel()
@@ -161,10 +160,27 @@ class DiscordNotifier:
         wait = track.last_edit + self.edit_interval_s - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
+        track.writing = True
         try:
             await self._write_status(track)
         except Exception:
             log.exception("discord notifier: status edit of job %s failed", track.job.id)
+        finally:
+            track.writing = False
+
+    async def _settle(self, track: _Track) -> None:
+        """Drop a pending edit that is still waiting its turn; let one already under way finish.
+
+        Never cancel a request in flight: discord.py (2.x) clears its global rate-limit event before
+        sleeping out a global 429 and sets it again only after the sleep, so a request cancelled in that
+        sleep leaves every later request of the client waiting forever."""
+        task = track.pending
+        if task is None or task.done():
+            return
+        if not track.writing:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     def _status_embed(self, track: _Track) -> discord.Embed:
         e = embeds.status_embed(track.job, steps=track.steps, queue_position=track.queue_position,
@@ -227,10 +243,7 @@ class DiscordNotifier:
                          file_factory=lambda: discord.File(io.BytesIO(data), filename=filename))
 
     async def _final(self, track: _Track, ev: JobEvent) -> None:
-        if track.pending is not None and not track.pending.done():
-            track.pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await track.pending
+        await self._settle(track)
         if track.message_id is not None:
             try:
                 await self._write_status(track)

@@ -163,6 +163,40 @@ async def test_a_429_storm_does_not_lose_messages(bot: LoraBot, fake: FakeDiscor
     assert len(fake.rate_limited) == 18
 
 
+async def test_flush_during_a_global_rate_limit_does_not_wedge_the_client(bot: LoraBot, fake: FakeDiscord) -> None:
+    """discord.py holds a global lock while it sleeps out a global 429; cancelling the request in that
+    sleep would leave the lock shut and every later request hanging. flush() must let it finish."""
+    job = await new_job(bot, fake)
+    await bot.notifier.notify(job, Queued(1))
+    fake.rate_limit(r"^PATCH /api/v10/channels/", count=1, retry_after=0.5, global_=True)
+    await bot.notifier.notify(job, progress(1))
+    async with asyncio.timeout(5):
+        while not fake.rate_limited:  # the edit is now inside discord.py's global sleep
+            await asyncio.sleep(0.02)
+    async with asyncio.timeout(10):
+        await bot.notifier.flush()
+        await bot.notifier.notify(job, LogSnippet("after the storm"))
+    assert any("after the storm" in m.content for m in fake.channel_messages())
+    [status] = [m for m in fake.channel_messages() if m.embeds]
+    assert "step 1/100" in status.embeds[0]["description"]
+
+
+async def test_a_request_cancelled_during_a_global_rate_limit_does_not_wedge_the_client(
+        bot: LoraBot, fake: FakeDiscord) -> None:
+    """A job cancelled while its message waits out a global 429 must not leave discord.py's global
+    lock shut: later requests (other jobs, other commands) still go through."""
+    channel = bot.get_partial_messageable(fake.channel_id)
+    fake.rate_limit(r"^POST /api/v10/channels/\d+/messages$", count=1, retry_after=0.5, global_=True)
+    sender = asyncio.create_task(channel.send("from a job about to be cancelled"))
+    async with asyncio.timeout(5):
+        while not fake.rate_limited:
+            await asyncio.sleep(0.02)
+    sender.cancel()
+    async with asyncio.timeout(10):
+        await channel.send("from someone else")
+    assert "from someone else" in [m.content for m in fake.channel_messages()]
+
+
 async def test_a_cli_job_is_not_posted(bot: LoraBot, fake: FakeDiscord) -> None:
     job = Job(name="cli", user_id="me", source="cli")
     await bot.notifier.notify(job, progress(1))

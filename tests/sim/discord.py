@@ -883,12 +883,13 @@ async def running_bot(fake: FakeDiscord, settings: Any, *, timeout: float = 15.0
             await asyncio.sleep(0.02)
         yield bot
     finally:
-        await bot.close()
         try:
-            await asyncio.wait_for(task, 10)
-        except (asyncio.CancelledError, Exception):
-            pass
-        undo()
+            async with asyncio.timeout(30):  # a wedged client must fail the test, not hang the suite
+                await bot.close()
+        finally:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, 10)
+            undo()
 
 
 def main() -> None:
