@@ -330,7 +330,11 @@ class Pipeline:
             try:
                 return await fn(remote)
             except (RemoteCommandError, VerificationError):
-                raise  # the command failed on a working link: reconnecting would not help
+                # the command failed on a working link: reconnecting would not help. A host going
+                # away can fail a command in odd ways first (files gone mid-command): blame the host
+                # then, so the job gets its infrastructure retry instead of an internal error
+                await self._ensure_instance_alive(job)
+                raise
             except HostKeyMismatch as exc:
                 raise JobFailure("host_key", f"the machine's SSH host key changed mid-job: {exc}") from None
             except SSHError as exc:
@@ -474,6 +478,7 @@ class Pipeline:
         exists = await self._remote_call(job, "check result", lambda r: r.box.exists(out.final_lora))
         outcome = prog.classify_exit(status.exit_code, exists, tail)
         if not outcome.success:
+            await self._ensure_instance_alive(job)  # a trainer killed as its host died: the host's fault
             kind = outcome.kind.value if outcome.kind else "unknown"
             raise JobFailure(kind, f"training failed: {outcome.reason}", last_lines=self._redact(tail[-1500:]))
         return await self._to(job, S.COLLECTING, "training finished", measured=measured)

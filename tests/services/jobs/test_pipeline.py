@@ -9,12 +9,13 @@ import os
 import shutil
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from services.jobs import JobState, JobStore
+from services.jobs import Job, JobState, JobStore
 from services.jobs.events import Finished, Progress, Readiness, SampleImage
 from services.jobs.intake import draft
 from services.jobs.worker import Worker
@@ -48,6 +49,26 @@ class Harness:
         assert d.ok, d.message
         await self.worker.submit(d.job.id)
         return d.job.id
+
+
+def kill_job_processes(job_dir: Path) -> None:
+    """What a dead host does to a job's processes (on the simulator every box shares one sshd)."""
+    status = json.loads((job_dir / "status.json").read_text())
+    # the supervisor first (it is not a group leader): left alive, it would write the dead job's exit
+    # into the folder the retry re-uses on this shared disk
+    with contextlib.suppress(OSError, TypeError):
+        os.kill(int(status["supervisor_pid"]), signal.SIGKILL)
+    with contextlib.suppress(OSError, TypeError):
+        os.killpg(int(status["trainer_pid"]), signal.SIGKILL)  # the trainer leads its own group
+
+
+async def wait_training(h: Harness, job_id: str, step: int) -> Job:
+    for _ in range(600):
+        job = await h.store.require(job_id)
+        if job.state == JobState.TRAINING and job.step >= step:
+            return job
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached step {step}: {job.state} {job.reason}")
 
 
 @pytest.fixture
@@ -119,13 +140,7 @@ async def test_infra_retry_resumes_from_the_backed_up_checkpoint(h: Harness) -> 
     # one sshd and disk: kill this job's processes and wipe its folder, as a dead host would)
     h.world.vast.vanish(first_instance)
     job_dir = h.world.box.remote_root / "jobs" / job_id
-    for pid_file in ("pid",):
-        with contextlib.suppress(OSError, ValueError):
-            os.killpg(int((job_dir / pid_file).read_text().split()[0]), signal.SIGKILL)
-    status = json.loads((job_dir / "status.json").read_text())
-    for key in ("trainer_pid", "supervisor_pid"):
-        with contextlib.suppress(OSError, TypeError, ProcessLookupError):
-            os.killpg(int(status.get(key)), signal.SIGKILL)
+    kill_job_processes(job_dir)
     shutil.rmtree(job_dir, ignore_errors=True)
     done = await h.worker.wait(job_id, timeout=120)
     assert done.state == JobState.SUCCEEDED, done.reason
@@ -135,3 +150,21 @@ async def test_infra_retry_resumes_from_the_backed_up_checkpoint(h: Harness) -> 
     # the second box started from the checkpoint, not from step 0
     log = (h.world.box.remote_root / "jobs" / job_id / "log.txt").read_text()
     assert "RESUMING" in log.upper()
+
+
+async def test_a_command_failing_as_the_host_dies_gets_the_infra_retry(world: SimWorld, recorder: Recorder) -> None:
+    """The host dies while a status command runs on it: the command fails in an odd way before the
+    instance check has noticed. That is the host's fault (retry on a new machine), not a crash."""
+    async with Harness(world, recorder, instance_check_s=3600.0) as h:  # only the status poll can notice
+        h.world.box.set_sec_per_step(0.1)
+        job_id = await h.submit(steps=30)
+        job = await wait_training(h, job_id, 3)
+        h.world.vast.vanish(job.instance_id)
+        job_dir = h.world.box.remote_root / "jobs" / job_id
+        kill_job_processes(job_dir)
+        shutil.rmtree(job_dir)  # its files half gone: the status command cannot run any more
+        job_dir.mkdir()
+        (job_dir / "supervisor.py").write_text("raise SystemExit(3)\n")
+        done = await h.worker.wait(job_id, timeout=120)
+        assert done.state == JobState.SUCCEEDED, done.reason
+        assert done.attempt == 2 and done.instance_id != job.instance_id
