@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 # the `world` fixture: the whole simulator for one test (tests/sim/world.py)
-pytest_plugins = ["tests.sim.world"]
+pytest_plugins = ["tests.sim.s3", "tests.sim.world"]  # the S3 server and whole-world fixtures
 
 # Never let a developer's real .env or environment leak into the tests.
 for _var in list(os.environ):

@@ -36,7 +36,6 @@ from services.storage import (
 if TYPE_CHECKING:
     from tests.sim.s3 import S3Server
 
-pytest_plugins = ["tests.sim.s3"]  # the s3_server / s3_auth_server fixtures
 
 MiB = 1024 * 1024
 CURL = shutil.which("curl")
