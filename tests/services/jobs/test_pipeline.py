@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,20 @@ def kill_job_processes(job_dir: Path) -> None:
         os.kill(int(status["supervisor_pid"]), signal.SIGKILL)
     with contextlib.suppress(OSError, TypeError):
         os.killpg(int(status["trainer_pid"]), signal.SIGKILL)  # the trainer leads its own group
+    # SIGKILL lands asynchronously: wait until neither can write into the folder any more
+    for _ in range(500):
+        alive = [p for p in (status.get("supervisor_pid"), status.get("trainer_pid")) if p and _running(int(p))]
+        if not alive:
+            return
+        time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 async def wait_training(h: Harness, job_id: str, step: int) -> Job:
@@ -162,8 +177,9 @@ async def test_a_command_failing_as_the_host_dies_gets_the_infra_retry(world: Si
         h.world.vast.vanish(job.instance_id)
         job_dir = h.world.box.remote_root / "jobs" / job_id
         kill_job_processes(job_dir)
-        shutil.rmtree(job_dir)  # its files half gone: the status command cannot run any more
-        job_dir.mkdir()
+        # its files half gone: the status command cannot run any more (a dying writer may race the wipe)
+        shutil.rmtree(job_dir, ignore_errors=True)
+        job_dir.mkdir(exist_ok=True)
         (job_dir / "supervisor.py").write_text("raise SystemExit(3)\n")
         done = await h.worker.wait(job_id, timeout=120)
         assert done.state == JobState.SUCCEEDED, done.reason
