@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-# the `world` fixture: the whole simulator for one test (tests/sim/world.py)
-pytest_plugins = ["tests.sim.s3", "tests.sim.world"]  # the S3 server and whole-world fixtures
+# fixtures shared by every test: the S3 server (tests/sim/s3.py) and the whole simulator, `world`
+# (tests/sim/world.py); s3 first, so that pytest rewrites its asserts before world imports it
+pytest_plugins = ["tests.sim.s3", "tests.sim.world"]
 
 # Never let a developer's real .env or environment leak into the tests.
 for _var in list(os.environ):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -16,19 +15,11 @@ from bot.app import LoraBot
 from services.jobs.model import JobState
 from tests.services.jobs.conftest import dataset_zip
 from tests.sim.discord import FakeDiscord, running_bot
-from tests.sim.sshd import find_sshd
-from tests.sim.world import SimWorld, run_world
+from tests.sim.world import SimWorld
 
 OWNER = 1001
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[SimWorld]:
-    if find_sshd() is None:
-        pytest.skip("OpenSSH sshd not installed (apt-get install openssh-server, as .ci/run does)")
-    with run_world(tmp_path / "world") as w:
-        yield w
-        assert w.vast.live_instances() == [], "a test left a rented instance behind"
 
 
 @pytest.fixture

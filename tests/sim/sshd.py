@@ -246,18 +246,21 @@ except ImportError:  # `lorabot demo` outside a dev install
 
 if pytest is not None:
 
+    def skip_without_sshd() -> None:
+        """Skip the calling test or fixture, with the reason, when sshd is not installed."""
+        if find_sshd() is None:
+            pytest.skip("OpenSSH sshd not installed (apt-get install openssh-server, as .ci/run does)")
+
     @pytest.fixture
     def sshd(tmp_path: Path) -> Iterator[SshdServer]:
         """A running sshd for this test; skipped with a clear reason when sshd is not installed."""
-        if find_sshd() is None:
-            pytest.skip("OpenSSH sshd not installed (apt-get install openssh-server, as .ci/run does)")
+        skip_without_sshd()
         with run_sshd(tmp_path) as server:
             yield server
 
     @pytest.fixture
     def sshd_stopped(tmp_path: Path) -> Iterator[SshdServer]:
         """Configured but not started: the port is closed until the test calls start()."""
-        if find_sshd() is None:
-            pytest.skip("OpenSSH sshd not installed (apt-get install openssh-server, as .ci/run does)")
+        skip_without_sshd()
         with run_sshd(tmp_path, start=False) as server:
             yield server

@@ -108,10 +108,9 @@ if pytest is not None:
     @pytest.fixture
     def world(tmp_path: Path) -> Iterator[SimWorld]:
         """The whole simulator for one test; fails the test if it left an instance billing."""
-        from tests.sim.sshd import find_sshd
+        from tests.sim.sshd import skip_without_sshd
 
-        if find_sshd() is None:
-            pytest.skip("OpenSSH sshd not installed (apt-get install openssh-server, as .ci/run does)")
+        skip_without_sshd()
         with run_world(tmp_path) as w:
             yield w
             # money first: whatever a test did, nothing may be left billing

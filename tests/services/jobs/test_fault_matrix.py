@@ -16,7 +16,7 @@ from services.jobs.intake import draft
 from services.jobs.worker import Worker
 from services.vastai import VastClient
 from tests.services.jobs.conftest import Recorder, dataset_zip
-from tests.sim.sshd import find_sshd
+from tests.sim.sshd import skip_without_sshd
 from tests.sim.vast import Quirks
 from tests.sim.world import SimWorld, run_world
 
@@ -25,8 +25,7 @@ S = JobState
 
 @pytest.fixture(scope="module")
 def mworld(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimWorld]:
-    if find_sshd() is None:
-        pytest.skip("OpenSSH sshd not installed (apt-get install openssh-server, as .ci/run does)")
+    skip_without_sshd()
     with run_world(tmp_path_factory.mktemp("matrix"), quirks=Quirks(loading_s=0.1)) as w:
         yield w
 
