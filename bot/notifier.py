@@ -171,9 +171,8 @@ class DiscordNotifier:
     async def _settle(self, track: _Track) -> None:
         """Drop a pending edit that is still waiting its turn; let one already under way finish.
 
-        Never cancel a request in flight: discord.py (2.x) clears its global rate-limit event before
-        sleeping out a global 429 and sets it again only after the sleep, so a request cancelled in that
-        sleep leaves every later request of the client waiting forever."""
+        Cancelling an edit in flight would not stop its request (bot.app shields every request), and
+        that older edit could then land after the one written next, leaving a stale status."""
         task = track.pending
         if task is None or task.done():
             return
