@@ -31,6 +31,7 @@ from services.storage import Storage
 from services.vastai import Instance, VastClient, VastError
 
 log = logging.getLogger(__name__)
+_OTHER_PROCESS_POLL_S = 0.25  # how often `wait` reads the store for a job another process drives
 S = JobState
 
 
@@ -71,6 +72,7 @@ class Worker:
         self._adopt = adopt
         self.vast: VastClient | None = None
         self._pending: list[str] = []  # queued job ids, in order
+        self._dequeued = asyncio.Event()  # pulsed (set, then replaced) when a job leaves _pending
         self._running: dict[str, tuple[asyncio.Task[Job], Pipeline]] = {}
         self._users: dict[str, str] = {}  # job id -> user id of running jobs
         self._wake = asyncio.Event()
@@ -150,6 +152,11 @@ class Worker:
         self._wake.set()
         return position
 
+    def _dequeue(self, job_id: str) -> None:
+        self._pending.remove(job_id)
+        self._dequeued.set()
+        self._dequeued = asyncio.Event()
+
     def queue_position(self, job_id: str) -> int | None:
         try:
             return self._pending.index(job_id) + 1
@@ -168,10 +175,14 @@ class Worker:
                 if entry is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(entry[0])
+                dequeued = self._dequeued  # taken before the read below, so no pulse is missed
                 job = await self.store.require(job_id)
                 if job.state.terminal or job.state == S.PREPARED:
                     return job
-                await asyncio.sleep(0.05)
+                if job_id in self._pending:
+                    await dequeued.wait()  # queued here: it starts or is dropped, no need to poll
+                elif job_id not in self._running:
+                    await asyncio.sleep(_OTHER_PROCESS_POLL_S)  # driven by another process
 
         return await asyncio.wait_for(go(), timeout)
 
@@ -188,15 +199,15 @@ class Worker:
                 return
             job = await self.store.get(job_id)
             if job is None or job.state != S.QUEUED:
-                self._pending.remove(job_id)
+                self._dequeue(job_id)
                 continue
             per_user = sum(1 for jid in self._running if self._users.get(jid) == job.user_id)
             if per_user >= self.settings.max_jobs_per_user:
                 continue  # this user waits; others behind may pass
             if not await self.store.claim(job_id, self.owner, self.settings.lease_s):
-                self._pending.remove(job_id)
+                self._dequeue(job_id)
                 continue
-            self._pending.remove(job_id)
+            self._dequeue(job_id)
             self._launch(job)
         await self._announce_positions()
 
@@ -281,7 +292,7 @@ class Worker:
         if job.state.terminal:
             return CancelResult(job, None, job.cost_so_far())
         if job_id in self._pending:
-            self._pending.remove(job_id)
+            self._dequeue(job_id)
         if job.state in (S.VALIDATING, S.AWAITING_CONFIRMATION, S.QUEUED) and job_id not in self._running:
             job = await self.store.transition(job_id, S.CANCELLED, f"cancelled by {by}" if by else "cancelled")
             with contextlib.suppress(Exception):
@@ -319,7 +330,7 @@ class Worker:
             raise JobRefused(f"job {job_id} is driven by another process")
         job = await self.store.require(job_id)
         if job.id in self._pending:
-            self._pending.remove(job.id)
+            self._dequeue(job.id)
         task = self._running[job_id][0] if job_id in self._running else self._launch(job)
         return await asyncio.shield(task)
 
