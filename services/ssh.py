@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import shlex
 import tarfile
@@ -23,11 +24,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import asyncssh
 
-from services.dataset.manifest import Manifest
+from services import openssh
+from services.dataset.manifest import Manifest, ManifestFile
+
+log = logging.getLogger(__name__)
 
 StageCallback = Callable[[str, str], Awaitable[None]]
 ProgressCallback = Callable[[int, int], None]
@@ -39,6 +43,7 @@ _CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly13
 _WINDOW = 8 * 1024 * 1024
 _MAX_PKTSIZE = 256 * 1024
 _CHUNK = 1024 * 1024
+_SENDFILE_CHUNK = 8 * 1024 * 1024  # per call: bounds how late a stop request is seen
 _PREFETCH = 8  # chunks read ahead by the packing thread: bounds memory at ~8 MiB
 _TAR_BLOCK = 512
 
@@ -414,8 +419,10 @@ class Box:
         keepalive_interval: float = 15.0,
         keepalive_count_max: int = 4,
         python: str = "python3",
+        bulk: Literal["auto", "asyncssh"] = "auto",
     ) -> None:
         self.endpoint = endpoint
+        self.bulk = bulk  # "auto": the dataset goes through the OpenSSH client when it is installed
         self.python = python  # the box's Python, used for fast hashing
         self.key_path = Path(key_path)
         self.host_key = host_key.strip()
@@ -664,6 +671,8 @@ class Box:
         The box hashes each file as soon as tar has finished writing it (tar -v names a member before
         extracting it, so the previous name is complete); the hashes come back on stdout and are
         compared with the manifest here. Missing or different files raise VerificationError.
+        The stream goes through the OpenSSH client when there is one (see services/openssh.py), else,
+        or when it cannot run, through this connection.
         """
         folder = Path(folder)
         script = (
@@ -672,6 +681,29 @@ class Box:
             "s=$(cat .lorabot-tar-status); rm -f .lorabot-tar-status; exit $s"
         )
         cmd = self._command(["sh", "-c", script, "upload", dest, self.python, _HASHER_LAGGED])
+        binary = openssh.available() if self.bulk == "auto" else None
+        result = None
+        if binary is not None:
+            try:
+                result = await self._upload_openssh(binary, cmd, folder, manifest, progress)
+            except openssh.OpenSSHUnusable as exc:
+                log.warning("OpenSSH could not ship to %s (%s); using the built-in client", self.endpoint, exc)
+        if result is None:
+            result = await self._upload_asyncssh(cmd, folder, manifest, progress)
+        status, out, err = result
+        if status == 97:
+            raise RemoteCommandError(["mkdir", dest], 97, _text(err))
+        if status == 255:
+            raise ConnectionLostError(f"dataset upload to {self.endpoint} interrupted: {_text(err).strip()}")
+        bad = _compare(manifest, _parse_sha256sum(_text(out)))
+        if bad:
+            raise VerificationError(f"sha256 mismatch on the box under {dest}", bad)
+        if status != 0:
+            raise RemoteCommandError(["tar", "-x"], status, _text(err))
+
+    async def _upload_asyncssh(
+        self, cmd: str, folder: Path, manifest: Manifest, progress: ProgressCallback | None
+    ) -> tuple[int, bytes, bytes]:
         conn = await self._connection()
         total = manifest.total_bytes
         sent = 0
@@ -695,13 +727,36 @@ class Box:
                     proc.close()
         except (OSError, asyncssh.Error) as exc:
             raise ConnectionLostError(f"dataset upload to {self.endpoint} interrupted: {exc}") from exc
-        if res.exit_status == 97:
-            raise RemoteCommandError(["mkdir", dest], 97, _text(res.stderr))
-        bad = _compare(manifest, _parse_sha256sum(_text(out)))
-        if bad:
-            raise VerificationError(f"sha256 mismatch on the box under {dest}", bad)
-        if res.exit_status != 0:
-            raise RemoteCommandError(["tar", "-x"], res.exit_status, _text(res.stderr))
+        status = res.exit_status if res.exit_status is not None else 255
+        return status, out, res.stderr if isinstance(res.stderr, bytes) else b""
+
+    async def _upload_openssh(
+        self, binary: str, cmd: str, folder: Path, manifest: Manifest, progress: ProgressCallback | None
+    ) -> tuple[int, bytes, bytes]:
+        loop = asyncio.get_running_loop()
+        total = manifest.total_bytes
+        done = 0
+
+        def report(n: int) -> None:  # in the writer thread
+            nonlocal done
+            done += n
+            if progress is not None:
+                loop.call_soon_threadsafe(progress, done, total)
+
+        def feed(fd: int, stop: threading.Event) -> None:
+            _write_tar(fd, folder, manifest, stop, report)
+
+        try:
+            return await openssh.run_fed(
+                binary, host=self.endpoint.host, port=self.endpoint.port, user=self.endpoint.user,
+                key_path=self.key_path, host_key=self.host_key, remote_command=cmd, feed=feed,
+                connect_timeout=self.connect_timeout, keepalive_interval=self.keepalive_interval,
+                keepalive_count_max=self.keepalive_count_max, ciphers=_CIPHERS,
+            )
+        except openssh.OpenSSHHostKeyMismatch as exc:
+            raise HostKeyMismatch(f"host key of {self.endpoint} does not match the pinned key: {exc}") from exc
+        except OSError as exc:
+            raise SSHError(f"cannot read the dataset: {exc}") from exc
 
     async def verify_dataset(self, dest: str, manifest: Manifest) -> None:
         """Hash every manifest file under `dest` on the box; raise VerificationError naming mismatches."""
@@ -741,17 +796,29 @@ def _tar_header(path: str, size: int, mtime: float) -> bytes:
     return info.tobuf(format=tarfile.GNU_FORMAT, encoding="utf-8", errors="strict")
 
 
+@contextlib.contextmanager
+def _member(folder: Path, entry: ManifestFile) -> Iterator[tuple[BinaryIO, bytes]]:
+    """The open file of one manifest entry and its tar header; refuses a file whose size changed."""
+    with (folder / entry.path).open("rb") as fh:
+        st = os.fstat(fh.fileno())
+        if st.st_size != entry.size:
+            raise SSHError(f"{entry.path} changed since the manifest was built ({st.st_size} != {entry.size})")
+        yield fh, _tar_header(entry.path, entry.size, st.st_mtime)
+
+
+def _padding(size: int) -> bytes:
+    return b"\0" * (-size % _TAR_BLOCK)
+
+
+_TAR_END = b"\0" * (2 * _TAR_BLOCK)
+
+
 def _iter_tar(folder: Path, manifest: Manifest, stop: threading.Event) -> Iterator[tuple[bytes, int]]:
     """(bytes to send, how many of them are file content) for a tar of exactly the manifest's files."""
     for entry in manifest.files:
         if stop.is_set():
             return
-        path = folder / entry.path
-        with path.open("rb") as fh:
-            st = os.fstat(fh.fileno())
-            if st.st_size != entry.size:
-                raise SSHError(f"{entry.path} changed since the manifest was built ({st.st_size} != {entry.size})")
-            header = _tar_header(entry.path, entry.size, st.st_mtime)
+        with _member(folder, entry) as (fh, header):
             remaining = entry.size
             first = True
             while remaining > 0:
@@ -765,10 +832,37 @@ def _iter_tar(folder: Path, manifest: Manifest, stop: threading.Event) -> Iterat
                     return
             if first:
                 yield header, 0
-            pad = -entry.size % _TAR_BLOCK
-            if pad:
-                yield b"\0" * pad, 0
-    yield b"\0" * (2 * _TAR_BLOCK), 0
+            if pad := _padding(entry.size):
+                yield pad, 0
+    yield _TAR_END, 0
+
+
+def _write_tar(
+    fd: int, folder: Path, manifest: Manifest, stop: threading.Event, sent: Callable[[int], None]
+) -> None:
+    """The same tar as _iter_tar, written into `fd` (a pipe); file content goes by sendfile, uncopied."""
+
+    def write_all(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+    for entry in manifest.files:
+        if stop.is_set():
+            return
+        with _member(folder, entry) as (fh, header):
+            write_all(header)
+            offset = 0
+            while offset < entry.size:
+                if stop.is_set():
+                    return
+                n = os.sendfile(fd, fh.fileno(), offset, min(_SENDFILE_CHUNK, entry.size - offset))
+                if n == 0:
+                    raise SSHError(f"{entry.path} shrank while it was being sent")
+                offset += n
+                sent(n)
+            write_all(_padding(entry.size))
+    write_all(_TAR_END)
 
 
 async def _tar_chunks(folder: Path, manifest: Manifest) -> AsyncIterator[tuple[bytes, int]]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from services import openssh
 from services.dataset.manifest import Manifest, ManifestFile
 from services.ssh import (
     Box,
@@ -204,23 +205,41 @@ async def test_put_tail_download_and_reconnect_after_a_cut(sshd: SshdServer, tmp
 # --- dataset upload -------------------------------------------------------------------------------
 
 
-async def test_upload_dataset_extracts_and_verifies(sshd: SshdServer, tmp_path: Path) -> None:
+BULK = [
+    pytest.param("auto", marks=pytest.mark.skipif(openssh.available() is None, reason="no OpenSSH client")),
+    "asyncssh",
+]
+
+
+def unconnected(server: SshdServer, **kw: Any) -> Box:
+    return Box(ep(server), server.info.client_key_path, server.info.host_key_pub, python=sys.executable, **kw)
+
+
+@pytest.mark.parametrize("bulk", BULK)
+async def test_upload_dataset_extracts_and_verifies(sshd: SshdServer, tmp_path: Path, bulk: str) -> None:
     manifest = make_dataset(tmp_path / "ds", n=6)
     (tmp_path / "ds" / "not-in-manifest.jpg").write_bytes(b"stray")
     dest = tmp_path / "box" / "data set; $(rm -rf x)"
     seen: list[tuple[int, int]] = []
-    async with await connect(sshd) as box:
+    box = unconnected(sshd, bulk=bulk)
+    try:
         await box.upload_dataset(tmp_path / "ds", manifest, str(dest), progress=lambda a, b: seen.append((a, b)))
+        await asyncio.sleep(0)  # progress from the OpenSSH writer thread arrives through the loop
+        # the OpenSSH client carried the stream: the box never needed a connection of its own
+        assert box.connected is (bulk == "asyncssh")
+    finally:
+        await box.close()
     for f in manifest.files:
         assert hashlib.sha256((dest / f.path).read_bytes()).hexdigest() == f.sha256
     assert not (dest / "not-in-manifest.jpg").exists()  # only what the manifest lists is shipped
     assert seen[-1] == (manifest.total_bytes, manifest.total_bytes)
 
 
-async def test_corrupted_upload_is_caught_and_names_the_file(sshd: SshdServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bulk", BULK)
+async def test_corrupted_upload_is_caught_and_names_the_file(sshd: SshdServer, tmp_path: Path, bulk: str) -> None:
     manifest = make_dataset(tmp_path / "ds", n=3)
     dest = tmp_path / "box" / "ds"
-    async with await connect(sshd) as box:
+    async with await connect(sshd, bulk=bulk) as box:
         # a hash that cannot match what lands on the box
         bad = manifest.model_copy(deep=True)
         bad.files[1].sha256 = "f" * 64
@@ -239,13 +258,67 @@ async def test_corrupted_upload_is_caught_and_names_the_file(sshd: SshdServer, t
         assert victim in str(err.value)
 
 
-async def test_upload_fails_cleanly_when_a_local_file_changed(sshd: SshdServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bulk", BULK)
+async def test_upload_fails_cleanly_when_a_local_file_changed(sshd: SshdServer, tmp_path: Path, bulk: str) -> None:
     manifest = make_dataset(tmp_path / "ds", n=2)
-    (tmp_path / "ds" / manifest.files[0].path).write_bytes(b"shorter")
-    async with await connect(sshd) as box:
+    (tmp_path / "ds" / manifest.files[1].path).write_bytes(b"shorter")
+    async with await connect(sshd, bulk=bulk) as box:
         with pytest.raises(SSHError, match="changed since the manifest"):
             await box.upload_dataset(tmp_path / "ds", manifest, str(tmp_path / "box" / "ds"))
         assert (await box.run(["echo", "still usable"])).exit_status == 0
+    assert not ssh_children()
+
+
+def ssh_children() -> list[str]:
+    import psutil
+
+    return [p.name() for p in psutil.Process().children(recursive=True) if p.name() == "ssh"]
+
+
+@pytest.mark.skipif(openssh.available() is None, reason="no OpenSSH client")
+async def test_openssh_stream_refuses_a_box_whose_host_key_changed(sshd: SshdServer, tmp_path: Path) -> None:
+    import asyncssh
+
+    manifest = make_dataset(tmp_path / "ds", n=2)
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+    box = Box(ep(sshd), sshd.info.client_key_path, other, python=sys.executable)
+    with pytest.raises(HostKeyMismatch):
+        await box.upload_dataset(tmp_path / "ds", manifest, str(tmp_path / "box" / "ds"))
+    await box.close()
+    assert not (tmp_path / "box" / "ds").exists()  # nothing ran on the impostor
+
+
+@pytest.mark.skipif(openssh.available() is None, reason="no OpenSSH client")
+async def test_when_openssh_cannot_ship_the_built_in_client_does(
+    sshd: SshdServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    manifest = make_dataset(tmp_path / "ds", n=2)
+    key = tmp_path / "readable_key"  # OpenSSH refuses a private key others may read; asyncssh does not
+    key.write_bytes(sshd.info.client_key_path.read_bytes())
+    key.chmod(0o644)
+    dest = tmp_path / "box" / "ds"
+    box = Box(ep(sshd), key, sshd.info.host_key_pub, python=sys.executable)
+    try:
+        await box.upload_dataset(tmp_path / "ds", manifest, str(dest))
+    finally:
+        await box.close()
+    assert "using the built-in client" in caplog.text
+    assert all((dest / f.path).read_bytes() for f in manifest.files)
+
+
+@pytest.mark.skipif(openssh.available() is None, reason="no OpenSSH client")
+async def test_cancelling_an_openssh_stream_stops_ssh_and_the_writer(sshd: SshdServer, tmp_path: Path) -> None:
+    manifest = make_dataset(tmp_path / "ds", n=4, size=40 * 1024 * 1024)
+    started = asyncio.Event()
+    box = unconnected(sshd)
+    task = asyncio.create_task(box.upload_dataset(tmp_path / "ds", manifest, str(tmp_path / "box" / "ds"),
+                                                  progress=lambda a, b: started.set()))
+    await asyncio.wait_for(started.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    await box.close()
+    assert not ssh_children()
 
 
 # --- lorabot push-dataset -------------------------------------------------------------------------
