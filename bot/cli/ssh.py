@@ -33,8 +33,10 @@ async def _push(
     )
     manifest = prepared.manifest
     started = time.monotonic()
-    async with await Box.connect(endpoint, key, ready.host_key, python=python, connect_timeout=t,
-                                 keepalive_interval=cfg.ssh_keepalive_s) as box:
+    # not connected up front: the stream goes through the OpenSSH client when there is one, and the
+    # box connects on its own only if it has to carry the stream itself
+    box = Box(endpoint, key, ready.host_key, python=python, connect_timeout=t, keepalive_interval=cfg.ssh_keepalive_s)
+    try:
         if sys.stderr.isatty():
             with Progress(TextColumn("shipping"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                           console=err_console, transient=True) as bar:
@@ -43,6 +45,8 @@ async def _push(
                                          progress=lambda done, _total: bar.update(task, completed=done))
         else:
             await box.upload_dataset(prepared.folder, manifest, dest)
+    finally:
+        await box.close()
     elapsed = time.monotonic() - started
     err_console.print(
         f"verified {len(manifest.files)} files ({manifest.total_bytes} bytes) in {dest} "
