@@ -115,9 +115,12 @@ def main() -> None:
             for r in range(args.repeat):
                 dest_o = info.root_dir / f"openssh{r}"
                 dest_l = info.root_dir / f"lorabot{r}"
+                # each run starts with no dirty pages left by the other one to write back
+                os.sync()
                 ossh.append(openssh_push(src, info, str(dest_o)))
                 work = base / f"work{r}"
                 work.mkdir(exist_ok=True)
+                os.sync()
                 ours.append(lorabot_push(src, info, str(dest_l), work))
                 for d in (dest_o, dest_l, work):
                     shutil.rmtree(d, ignore_errors=True)
