@@ -9,7 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     LORABOT_WORK_DIR=/data/work \
     VASTAI_SSH_KEY_PATH=/keys/id_ed25519
 
-# openssh-client: `lorabot ssh` / `lorabot launch` open shells on the rented box with it
+# openssh-client: `lorabot ssh` / `lorabot launch` open shells on the rented box with it, and datasets
+# stream through it (services/openssh.py; without it they go through asyncssh, slower)
 RUN apt-get update \
  && apt-get install -y --no-install-recommends openssh-client ca-certificates \
  && rm -rf /var/lib/apt/lists/*
