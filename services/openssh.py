@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 HOST_ALIAS = "lorabot-box"  # the name the pinned key is filed under, whatever the endpoint's address
+_PIPE_SIZE = 1024 * 1024
 _HOST_KEY_FAILURES = ("host key verification failed", "remote host identification has changed")
 
 Feed = Callable[[int, threading.Event], None]  # writes stdin into the fd; stops soon after the event
@@ -105,6 +107,8 @@ async def run_fed(
                    keepalive_interval=keepalive_interval, keepalive_count_max=keepalive_count_max,
                    ciphers=ciphers)
         read_end, write_end = os.pipe()
+        with contextlib.suppress(OSError, AttributeError):  # Linux: fewer hand-offs between writer and ssh
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *cmd, stdin=read_end, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
