@@ -4,7 +4,8 @@
 
 Both push into the local sshd of tests/sim/sshd.py (loopback) in the same run. Printed:
 - OpenSSH: wall time of `tar -C SRC -c . | ssh ... 'mkdir -p D && tar -x -C D'` (no verification);
-- lorabot ship: the SSH part of push-dataset (connect, stream, extract, sha256 of every file on the box),
+- lorabot ship: the SSH part of push-dataset (connect, stream through the OpenSSH client when there is
+  one, extract, sha256 of every file on the box),
   as the command reports it, and the ratio to OpenSSH (goal <= 1.10);
 - lorabot total: the whole command, which also checks every image with Pillow (services.dataset.prepare)
   before anything is sent; that QA pass is reported separately because the baseline does none;

@@ -46,6 +46,9 @@ _CHUNK = 1024 * 1024
 _SENDFILE_CHUNK = 8 * 1024 * 1024  # per call: bounds how late a stop request is seen
 _PREFETCH = 8  # chunks read ahead by the packing thread: bounds memory at ~8 MiB
 _TAR_BLOCK = 512
+# Below this a dataset goes over the open asyncssh connection: a second handshake for the OpenSSH
+# client costs more than it saves (benchmarks/pipeline.py), above it ssh's C crypto wins (ship.py).
+OPENSSH_FROM = 32 * 1024 * 1024
 
 # Hashing on the box runs in its Python (always there: ai-toolkit needs it) because hashlib uses
 # OpenSSL's SHA-NI code, ~8x faster than coreutils' sha256sum. Names arrive one per line on stdin;
@@ -419,10 +422,10 @@ class Box:
         keepalive_interval: float = 15.0,
         keepalive_count_max: int = 4,
         python: str = "python3",
-        bulk: Literal["auto", "asyncssh"] = "auto",
+        openssh_from: int | None = OPENSSH_FROM,
     ) -> None:
         self.endpoint = endpoint
-        self.bulk = bulk  # "auto": the dataset goes through the OpenSSH client when it is installed
+        self.openssh_from = openssh_from  # datasets this big go through the OpenSSH client; None: never
         self.python = python  # the box's Python, used for fast hashing
         self.key_path = Path(key_path)
         self.host_key = host_key.strip()
@@ -671,8 +674,8 @@ class Box:
         The box hashes each file as soon as tar has finished writing it (tar -v names a member before
         extracting it, so the previous name is complete); the hashes come back on stdout and are
         compared with the manifest here. Missing or different files raise VerificationError.
-        The stream goes through the OpenSSH client when there is one (see services/openssh.py), else,
-        or when it cannot run, through this connection.
+        A dataset of `openssh_from` bytes or more goes through the OpenSSH client when there is one
+        (see services/openssh.py); a smaller one, or one ssh cannot carry, through this connection.
         """
         folder = Path(folder)
         script = (
@@ -681,7 +684,8 @@ class Box:
             "s=$(cat .lorabot-tar-status); rm -f .lorabot-tar-status; exit $s"
         )
         cmd = self._command(["sh", "-c", script, "upload", dest, self.python, _HASHER_LAGGED])
-        binary = openssh.available() if self.bulk == "auto" else None
+        big = self.openssh_from is not None and manifest.total_bytes >= self.openssh_from
+        binary = openssh.available() if big else None
         result = None
         if binary is not None:
             try:

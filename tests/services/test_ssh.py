@@ -205,9 +205,9 @@ async def test_put_tail_download_and_reconnect_after_a_cut(sshd: SshdServer, tmp
 # --- dataset upload -------------------------------------------------------------------------------
 
 
-BULK = [
-    pytest.param("auto", marks=pytest.mark.skipif(openssh.available() is None, reason="no OpenSSH client")),
-    "asyncssh",
+BULK = [  # Box(openssh_from=...): 0 streams any dataset through the OpenSSH client, None never
+    pytest.param(0, id="openssh", marks=pytest.mark.skipif(openssh.available() is None, reason="no OpenSSH client")),
+    pytest.param(None, id="asyncssh"),
 ]
 
 
@@ -215,18 +215,18 @@ def unconnected(server: SshdServer, **kw: Any) -> Box:
     return Box(ep(server), server.info.client_key_path, server.info.host_key_pub, python=sys.executable, **kw)
 
 
-@pytest.mark.parametrize("bulk", BULK)
-async def test_upload_dataset_extracts_and_verifies(sshd: SshdServer, tmp_path: Path, bulk: str) -> None:
+@pytest.mark.parametrize("openssh_from", BULK)
+async def test_upload_dataset_extracts_and_verifies(sshd: SshdServer, tmp_path: Path, openssh_from: int | None) -> None:
     manifest = make_dataset(tmp_path / "ds", n=6)
     (tmp_path / "ds" / "not-in-manifest.jpg").write_bytes(b"stray")
     dest = tmp_path / "box" / "data set; $(rm -rf x)"
     seen: list[tuple[int, int]] = []
-    box = unconnected(sshd, bulk=bulk)
+    box = unconnected(sshd, openssh_from=openssh_from)
     try:
         await box.upload_dataset(tmp_path / "ds", manifest, str(dest), progress=lambda a, b: seen.append((a, b)))
         await asyncio.sleep(0)  # progress from the OpenSSH writer thread arrives through the loop
         # the OpenSSH client carried the stream: the box never needed a connection of its own
-        assert box.connected is (bulk == "asyncssh")
+        assert box.connected is (openssh_from is None)
     finally:
         await box.close()
     for f in manifest.files:
@@ -235,11 +235,13 @@ async def test_upload_dataset_extracts_and_verifies(sshd: SshdServer, tmp_path: 
     assert seen[-1] == (manifest.total_bytes, manifest.total_bytes)
 
 
-@pytest.mark.parametrize("bulk", BULK)
-async def test_corrupted_upload_is_caught_and_names_the_file(sshd: SshdServer, tmp_path: Path, bulk: str) -> None:
+@pytest.mark.parametrize("openssh_from", BULK)
+async def test_corrupted_upload_is_caught_and_names_the_file(
+    sshd: SshdServer, tmp_path: Path, openssh_from: int | None
+) -> None:
     manifest = make_dataset(tmp_path / "ds", n=3)
     dest = tmp_path / "box" / "ds"
-    async with await connect(sshd, bulk=bulk) as box:
+    async with await connect(sshd, openssh_from=openssh_from) as box:
         # a hash that cannot match what lands on the box
         bad = manifest.model_copy(deep=True)
         bad.files[1].sha256 = "f" * 64
@@ -258,11 +260,13 @@ async def test_corrupted_upload_is_caught_and_names_the_file(sshd: SshdServer, t
         assert victim in str(err.value)
 
 
-@pytest.mark.parametrize("bulk", BULK)
-async def test_upload_fails_cleanly_when_a_local_file_changed(sshd: SshdServer, tmp_path: Path, bulk: str) -> None:
+@pytest.mark.parametrize("openssh_from", BULK)
+async def test_upload_fails_cleanly_when_a_local_file_changed(
+    sshd: SshdServer, tmp_path: Path, openssh_from: int | None
+) -> None:
     manifest = make_dataset(tmp_path / "ds", n=2)
     (tmp_path / "ds" / manifest.files[1].path).write_bytes(b"shorter")
-    async with await connect(sshd, bulk=bulk) as box:
+    async with await connect(sshd, openssh_from=openssh_from) as box:
         with pytest.raises(SSHError, match="changed since the manifest"):
             await box.upload_dataset(tmp_path / "ds", manifest, str(tmp_path / "box" / "ds"))
         assert (await box.run(["echo", "still usable"])).exit_status == 0
@@ -281,7 +285,7 @@ async def test_openssh_stream_refuses_a_box_whose_host_key_changed(sshd: SshdSer
 
     manifest = make_dataset(tmp_path / "ds", n=2)
     other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
-    box = Box(ep(sshd), sshd.info.client_key_path, other, python=sys.executable)
+    box = Box(ep(sshd), sshd.info.client_key_path, other, python=sys.executable, openssh_from=0)
     with pytest.raises(HostKeyMismatch):
         await box.upload_dataset(tmp_path / "ds", manifest, str(tmp_path / "box" / "ds"))
     await box.close()
@@ -297,7 +301,7 @@ async def test_when_openssh_cannot_ship_the_built_in_client_does(
     key.write_bytes(sshd.info.client_key_path.read_bytes())
     key.chmod(0o644)
     dest = tmp_path / "box" / "ds"
-    box = Box(ep(sshd), key, sshd.info.host_key_pub, python=sys.executable)
+    box = Box(ep(sshd), key, sshd.info.host_key_pub, python=sys.executable, openssh_from=0)
     try:
         await box.upload_dataset(tmp_path / "ds", manifest, str(dest))
     finally:
@@ -310,7 +314,7 @@ async def test_when_openssh_cannot_ship_the_built_in_client_does(
 async def test_cancelling_an_openssh_stream_stops_ssh_and_the_writer(sshd: SshdServer, tmp_path: Path) -> None:
     manifest = make_dataset(tmp_path / "ds", n=4, size=40 * 1024 * 1024)
     started = asyncio.Event()
-    box = unconnected(sshd)
+    box = unconnected(sshd, openssh_from=0)
     task = asyncio.create_task(box.upload_dataset(tmp_path / "ds", manifest, str(tmp_path / "box" / "ds"),
                                                   progress=lambda a, b: started.set()))
     await asyncio.wait_for(started.wait(), 30)
