@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -815,6 +816,7 @@ def _padding(size: int) -> bytes:
 
 
 _TAR_END = b"\0" * (2 * _TAR_BLOCK)
+_NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.ENOTSOCK, errno.EOPNOTSUPP}
 
 
 def _iter_tar(folder: Path, manifest: Manifest, stop: threading.Event) -> Iterator[tuple[bytes, int]]:
@@ -851,6 +853,7 @@ def _write_tar(
         while view:
             view = view[os.write(fd, view):]
 
+    zero_copy = True
     for entry in manifest.files:
         if stop.is_set():
             return
@@ -860,7 +863,19 @@ def _write_tar(
             while offset < entry.size:
                 if stop.is_set():
                     return
-                n = os.sendfile(fd, fh.fileno(), offset, min(_SENDFILE_CHUNK, entry.size - offset))
+                count = min(_SENDFILE_CHUNK, entry.size - offset)
+                try:
+                    n = os.sendfile(fd, fh.fileno(), offset, count) if zero_copy else 0
+                except OSError as exc:
+                    if exc.errno not in _NO_SENDFILE:
+                        raise
+                    zero_copy = False  # a system that cannot sendfile into a pipe: copy instead
+                    n = 0
+                if not zero_copy:
+                    fh.seek(offset)
+                    data = fh.read(min(_CHUNK, count))
+                    write_all(data)
+                    n = len(data)
                 if n == 0:
                     raise SSHError(f"{entry.path} shrank while it was being sent")
                 offset += n

@@ -15,6 +15,7 @@ import pytest
 from services import openssh
 from services.dataset.manifest import Manifest, ManifestFile
 from services.ssh import (
+    OPENSSH_FROM,
     Box,
     Endpoint,
     HostKeyMismatch,
@@ -277,6 +278,39 @@ def ssh_children() -> list[str]:
     import psutil
 
     return [p.name() for p in psutil.Process().children(recursive=True) if p.name() == "ssh"]
+
+
+async def test_a_small_dataset_goes_over_the_open_connection(sshd: SshdServer, tmp_path: Path) -> None:
+    manifest = make_dataset(tmp_path / "ds", n=2)
+    assert manifest.total_bytes < OPENSSH_FROM
+    box = unconnected(sshd)  # the default threshold
+    try:
+        await box.upload_dataset(tmp_path / "ds", manifest, str(tmp_path / "box" / "ds"))
+        assert box.connected  # no second handshake for a few KB
+    finally:
+        await box.close()
+
+
+@pytest.mark.skipif(openssh.available() is None, reason="no OpenSSH client")
+async def test_openssh_stream_copies_where_sendfile_cannot_feed_a_pipe(
+    sshd: SshdServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    def no_sendfile(*_: object) -> int:  # as on systems whose sendfile only writes to sockets
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "sendfile", no_sendfile)
+    manifest = make_dataset(tmp_path / "ds", n=3, size=3 * 1024 * 1024)
+    dest = tmp_path / "box" / "ds"
+    box = unconnected(sshd, openssh_from=0)
+    try:
+        await box.upload_dataset(tmp_path / "ds", manifest, str(dest))
+        assert not box.connected
+    finally:
+        await box.close()
+    for f in manifest.files:
+        assert hashlib.sha256((dest / f.path).read_bytes()).hexdigest() == f.sha256
 
 
 @pytest.mark.skipif(openssh.available() is None, reason="no OpenSSH client")
