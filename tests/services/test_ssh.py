@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import sys
@@ -274,10 +275,16 @@ async def test_upload_fails_cleanly_when_a_local_file_changed(
     assert not ssh_children()
 
 
-def ssh_children() -> list[str]:
+def ssh_children() -> list[int]:
+    """OpenSSH clients this process started and that still run (sshd's own children come and go)."""
     import psutil
 
-    return [p.name() for p in psutil.Process().children(recursive=True) if p.name() == "ssh"]
+    alive = []
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if child.name() == "ssh" and child.status() != psutil.STATUS_ZOMBIE:
+                alive.append(child.pid)
+    return alive
 
 
 async def test_a_small_dataset_goes_over_the_open_connection(sshd: SshdServer, tmp_path: Path) -> None:
