@@ -865,6 +865,12 @@ def _write_tar(
         while view:
             view = view[os.write(fd, view):]
 
+    def copy(fh: BinaryIO, offset: int, count: int) -> int:
+        fh.seek(offset)
+        data = fh.read(min(_CHUNK, count))
+        write_all(data)
+        return len(data)
+
     zero_copy = True
     for entry in manifest.files:
         if stop.is_set():
@@ -877,17 +883,12 @@ def _write_tar(
                     return
                 count = min(_SENDFILE_CHUNK, entry.size - offset)
                 try:
-                    n = os.sendfile(fd, fh.fileno(), offset, count) if zero_copy else 0
+                    n = os.sendfile(fd, fh.fileno(), offset, count) if zero_copy else copy(fh, offset, count)
                 except OSError as exc:
-                    if exc.errno not in _NO_SENDFILE:
+                    if not zero_copy or exc.errno not in _NO_SENDFILE:
                         raise
                     zero_copy = False  # a system that cannot sendfile into a pipe: copy instead
-                    n = 0
-                if not zero_copy:
-                    fh.seek(offset)
-                    data = fh.read(min(_CHUNK, count))
-                    write_all(data)
-                    n = len(data)
+                    continue
                 if n == 0:
                     raise SSHError(f"{entry.path} shrank while it was being sent")
                 offset += n
