@@ -3,7 +3,12 @@ recovery of jobs a previous process left running) and syncs the slash commands w
 
 Test-only: LORABOT_DISCORD_API_BASE and LORABOT_DISCORD_GATEWAY point discord.py at a fake Discord
 (tests/sim/discord.py) by setting `discord.http.Route.BASE` and `DiscordWebSocket.DEFAULT_GATEWAY`.
-They are deliberately not settings and are never needed in production.
+They are deliberately not settings, are never needed in production, and are honoured only with
+LORABOT_TEST_ENDPOINTS=1 (they would send the bot token to any URL).
+
+Who may spend (issue 13): the bot acts only in the guilds of DISCORD_GUILD_ID. The tree refuses any
+other interaction before a command runs; commands are registered in those guilds only (guild-only
+contexts), global commands an earlier run left are removed, and a foreign guild is left.
 """
 
 from __future__ import annotations
@@ -39,13 +44,20 @@ log = logging.getLogger(__name__)
 EXTENSIONS = ("cogs.offers", "cogs.train", "cogs.status", "cogs.cancel", "cogs.admin")
 API_BASE_ENV = "LORABOT_DISCORD_API_BASE"  # test-only
 GATEWAY_ENV = "LORABOT_DISCORD_GATEWAY"  # test-only
+TEST_ENDPOINTS_ENV = "LORABOT_TEST_ENDPOINTS"  # "1" allows the two above
+FOREIGN_REFUSAL = "lorabot works only in its operator's server."
 SHUTDOWN_FLUSH_S = 10.0
 
 
 def apply_test_endpoints(environ: dict[str, str] | None = None) -> None:
-    """Point discord.py at a fake Discord when the test-only variables are set."""
+    """Point discord.py at a fake Discord when the test-only variables are set, and only when
+    LORABOT_TEST_ENDPOINTS=1 says this is a test: otherwise they are ignored with a warning."""
     env = os.environ if environ is None else environ
     base, gateway = env.get(API_BASE_ENV), env.get(GATEWAY_ENV)
+    if (base or gateway) and env.get(TEST_ENDPOINTS_ENV) != "1":
+        log.warning("ignoring %s/%s: test-only, set %s=1 to use them", API_BASE_ENV, GATEWAY_ENV,
+                    TEST_ENDPOINTS_ENV)
+        return
     if base:
         discord.http.Route.BASE = base.rstrip("/")
     if gateway:
@@ -67,7 +79,23 @@ _PLAIN = (JobRefused, DatasetError, RecipeError, SettingsError, UserFacingError)
 
 
 class LoraTree(app_commands.CommandTree):
-    """Every error becomes one ephemeral message; tracebacks only go to the log."""
+    """Every error becomes one ephemeral message; tracebacks only go to the log. Interactions from
+    outside the allowed guilds (other guilds, DMs) get one ephemeral refusal and nothing else."""
+
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        bot = interaction.client
+        if isinstance(bot, LoraBot) and bot.allowed_guild(interaction.guild_id):
+            return True
+        log.warning("refused /%s from user %s in %s", _name(interaction), interaction.user.id,
+                    f"guild {interaction.guild_id}" if interaction.guild_id else "a DM")
+        try:
+            if interaction.type is discord.InteractionType.autocomplete:
+                await interaction.response.autocomplete([])
+            else:
+                await interaction.response.send_message(embeds.error_text(FOREIGN_REFUSAL), ephemeral=True)
+        except discord.HTTPException:
+            pass
+        return False
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         original: BaseException = error.original if isinstance(error, app_commands.CommandInvokeError) else error
@@ -164,6 +192,9 @@ class LoraBot(commands.Bot):
             help_command=None,
             tree_cls=LoraTree,
             allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True),
+            # guild-only commands, installed to guilds (not to users): no DMs, no foreign contexts
+            allowed_contexts=app_commands.AppCommandContext(guild=True, dm_channel=False, private_channel=False),
+            allowed_installs=app_commands.AppInstallationType(guild=True, user=False),
             **options,
         )
         _shield_requests(self.http)
@@ -177,6 +208,8 @@ class LoraBot(commands.Bot):
         self.worker: Worker | None = None
         self.synced: bool | None = None  # after setup: whether this start sent the commands
         self.notifier = DiscordNotifier(self, settings, on_status_message=self._remember_status_message)
+        self.add_listener(self._leave_foreign_guilds, "on_ready")
+        self.add_listener(self._on_guild_join, "on_guild_join")
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def setup_hook(self) -> None:
@@ -234,30 +267,50 @@ class LoraBot(commands.Bot):
         return embeds.redact_embed(embeds.fit_embed(embed), self._secrets)
 
     # --- who may do what -------------------------------------------------------------------------
+    def allowed_guild(self, guild_id: int | None) -> bool:
+        """Whether the bot acts for this guild (a DM has none and is never allowed)."""
+        return guild_id is not None and guild_id in self.settings.discord_guild_ids
+
     @staticmethod
-    def _role_names(user: discord.abc.User | discord.Member) -> set[str]:
-        roles = getattr(user, "roles", None) or []
-        return {r.name for r in roles} | {str(r.id) for r in roles}
+    def _role_ids(user: discord.abc.User | discord.Member) -> set[int]:
+        # ids only: anyone with Manage Roles can make a role with any name
+        return {r.id for r in getattr(user, "roles", None) or []}
 
     def is_admin(self, interaction: discord.Interaction) -> bool:
+        """Manage Server (or a role of LORABOT_ADMIN_ROLES) in an allowed guild; nothing elsewhere."""
+        if not self.allowed_guild(interaction.guild_id):
+            return False
         perms = interaction.permissions
         if perms.manage_guild or perms.administrator:
             return True
-        wanted = set(self.settings.admin_roles)
-        return bool(wanted & self._role_names(interaction.user))
+        return bool(set(self.settings.admin_roles) & self._role_ids(interaction.user))
 
     def can_train(self, interaction: discord.Interaction) -> bool:
+        if not self.allowed_guild(interaction.guild_id):
+            return False
         if not self.settings.train_roles or self.is_admin(interaction):
             return True
-        return bool(set(self.settings.train_roles) & self._role_names(interaction.user))
+        return bool(set(self.settings.train_roles) & self._role_ids(interaction.user))
+
+    async def _on_guild_join(self, guild: discord.Guild) -> None:
+        if not self.allowed_guild(guild.id):
+            await self._leave(guild, "added to a guild not in DISCORD_GUILD_ID")
+
+    async def _leave_foreign_guilds(self) -> None:
+        for guild in list(self.guilds):
+            if not self.allowed_guild(guild.id):
+                await self._leave(guild, "in a guild not in DISCORD_GUILD_ID")
+
+    async def _leave(self, guild: discord.Guild, why: str) -> None:
+        log.warning("%s: leaving guild %s (%s)", why, guild.id, guild.name)
+        try:
+            await guild.leave()
+        except discord.HTTPException as exc:
+            log.error("could not leave guild %s: %s", guild.id, exc)
 
     # --- command sync ----------------------------------------------------------------------------
-    def _sync_guild(self) -> discord.Object | None:
-        gid = self.settings.discord_guild_id
-        return discord.Object(id=gid) if gid else None
-
     def command_payload(self) -> list[dict[str, Any]]:
-        """What a sync sends: the global commands (copied to the guild when one is configured)."""
+        """What a sync sends: the tree's commands, copied to every allowed guild."""
         return [cmd.to_dict(self.tree) for cmd in self.tree.get_commands()]
 
     @property
@@ -270,10 +323,14 @@ class LoraBot(commands.Bot):
         return hashlib.sha256(doc.encode()).hexdigest()
 
     async def sync_commands(self, *, force: bool = False) -> bool:
-        """Sync to the configured guild (or globally) only when the payload changed. Returns
-        whether anything was sent."""
-        guild = self._sync_guild()
-        scope = f"{self.application_id}:{guild.id if guild else 'global'}"
+        """Sync to the allowed guilds only when the payload changed, and remove global commands (an
+        earlier run may have left some: they would work in every guild and in DMs). Returns whether
+        anything was sent."""
+        guilds = [discord.Object(id=gid) for gid in self.settings.discord_guild_ids]
+        if not guilds:
+            log.warning("DISCORD_GUILD_ID is not set: no slash commands are registered")
+            return False
+        scope = f"{self.application_id}:guilds:{','.join(str(g.id) for g in guilds)}"
         digest = self._payload_hash()
         state: dict[str, str] = {}
         path = self.sync_state_path
@@ -284,9 +341,11 @@ class LoraBot(commands.Bot):
         if not force and state.get(scope) == digest:
             log.info("slash commands unchanged (%s); not syncing", scope)
             return False
-        if guild is not None:
+        for guild in guilds:
             self.tree.copy_global_to(guild=guild)
-        await self.tree.sync(guild=guild)
+            await self.tree.sync(guild=guild)
+        assert self.application_id is not None
+        await self.http.bulk_upsert_global_commands(self.application_id, payload=[])
         state[scope] = digest
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

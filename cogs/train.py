@@ -137,7 +137,8 @@ class Train(commands.Cog):
     ) -> None:
         bot = self.bot
         if not bot.can_train(interaction):
-            raise NotAllowed("You need one of these roles to train: " + ", ".join(bot.settings.train_roles) + ".")
+            raise NotAllowed("You need one of these roles to train: "
+                             + ", ".join(f"<@&{rid}>" for rid in bot.settings.train_roles) + ".")
         if (dataset is None) == (url is None):
             raise UserFacingError("Give the dataset either as an attachment (`dataset`) or as a link (`url`), "
                                   "not both and not neither.")

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as _SourceError
 
@@ -62,9 +62,12 @@ class Settings(BaseSettings):
 
     # --- Discord ------------------------------------------------------------------------------
     discord_token: SecretStr | None = Field(None, validation_alias="DISCORD_TOKEN")
-    discord_guild_id: int | None = Field(None, validation_alias="DISCORD_GUILD_ID")
-    train_roles: Annotated[list[str], NoDecode] = Field(default_factory=list, validation_alias="LORABOT_TRAIN_ROLES")
-    admin_roles: Annotated[list[str], NoDecode] = Field(default_factory=list, validation_alias="LORABOT_ADMIN_ROLES")
+    # issue 13 (who may spend): the guilds the bot acts for (one id or a comma-separated list; `lorabot
+    # run` refuses to start without it) and the roles, by id only (a role's name grants nothing)
+    discord_guild_ids: Annotated[list[int], NoDecode] = Field(
+        default_factory=list, validation_alias=AliasChoices("DISCORD_GUILD_ID", "discord_guild_id"))
+    train_roles: Annotated[list[int], NoDecode] = Field(default_factory=list, validation_alias="LORABOT_TRAIN_ROLES")
+    admin_roles: Annotated[list[int], NoDecode] = Field(default_factory=list, validation_alias="LORABOT_ADMIN_ROLES")
     # live status messages: at most one edit per interval (coalescing), and a fresh message before
     # Discord's cap on edits of messages older than an hour
     discord_edit_interval_s: float = Field(5.0, ge=0, validation_alias="LORABOT_DISCORD_EDIT_INTERVAL_S")
@@ -162,6 +165,11 @@ class Settings(BaseSettings):
     confirm_timeout_s: float = Field(600.0, gt=0, validation_alias="LORABOT_CONFIRM_TIMEOUT_S")
     # credit must cover the quote's high estimate times this factor before renting
     credit_margin: float = Field(1.5, ge=1.0, validation_alias="LORABOT_CREDIT_MARGIN")
+    # issue 13 (budgets that hold): per-user caps on open drafts and queued jobs, and a per-user rate
+    # of /train intakes (dry runs included) per rolling hour; enforced by services/jobs/intake.py
+    max_open_drafts_per_user: int = Field(2, ge=1, validation_alias="LORABOT_MAX_OPEN_DRAFTS_PER_USER")
+    max_queued_per_user: int = Field(2, ge=1, validation_alias="LORABOT_MAX_QUEUED_PER_USER")
+    train_rate: int = Field(10, ge=1, validation_alias="LORABOT_TRAIN_RATE")
     lease_s: float = Field(60.0, gt=1, validation_alias="LORABOT_LEASE_S")
     # seconds per training step of an RTX 4090 at 1024 px; the quote scales it by resolution
     sec_per_step_4090: float = Field(1.6, gt=0, validation_alias="LORABOT_SEC_PER_STEP_4090")
@@ -183,13 +191,20 @@ class Settings(BaseSettings):
             return v or None
         return v
 
-    @field_validator("train_roles", "admin_roles", mode="before")
+    @field_validator("train_roles", "admin_roles", "discord_guild_ids", mode="before")
     @classmethod
     def _split_list(cls, v: Any) -> Any:
-        # accept "Trainers, Admins" as well as a JSON list
+        # accept "123, 456" as well as a JSON list or one number; only numeric ids are valid
+        if isinstance(v, int):
+            return [v]
         if isinstance(v, str) and not v.strip().startswith("["):
             return [part.strip() for part in v.split(",") if part.strip()]
         return v
+
+    @property
+    def discord_guild_id(self) -> int | None:
+        """The first allowed guild (where operator-facing things go when a job names none)."""
+        return self.discord_guild_ids[0] if self.discord_guild_ids else None
 
     # --- helpers ------------------------------------------------------------------------------
     def require(self, *fields: str, why: str = "") -> None:
@@ -220,6 +235,8 @@ def env_name(field: str) -> str:
     alias = info.validation_alias
     if isinstance(alias, str):
         return alias
+    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+        return alias.choices[0]
     return field.upper()
 
 

@@ -18,7 +18,7 @@ def _fail(message: str) -> None:
     raise SystemExit(EXIT_USAGE)
 
 
-def load(require_token: bool = True) -> Settings:
+def load(require_token: bool = True, require_guild: bool = True) -> Settings:
     try:
         s = load_settings()
     except SettingsError as exc:
@@ -26,6 +26,10 @@ def load(require_token: bool = True) -> Settings:
         raise  # unreachable
     if require_token and (s.discord_token is None or not s.discord_token.get_secret_value().strip()):
         _fail("DISCORD_TOKEN is not set (needed to connect to Discord); put it in the environment or ./.env")
+    if require_guild and not s.discord_guild_ids:
+        # without it anyone who can add the bot to their server, or DM it, spends the operator's money
+        _fail("DISCORD_GUILD_ID is not set: the bot acts only in the servers it names (one id or a comma-separated "
+              "list); put it in the environment or ./.env")
     return s
 
 

@@ -53,7 +53,7 @@ def make_settings(fake: FakeDiscord, vast: VastEmulator, root: Path, **extra: An
 
 @pytest.fixture
 async def bot(fake: FakeDiscord, vast: VastEmulator, tmp_path: Path) -> AsyncIterator[LoraBot]:
-    async with running_bot(fake, make_settings(fake, vast, tmp_path, train_roles=["Trainers"])) as b:
+    async with running_bot(fake, make_settings(fake, vast, tmp_path, train_roles=[fake.roles["Trainers"]])) as b:
         yield b
 
 
@@ -112,7 +112,7 @@ async def test_train_role_allow_list(bot: LoraBot, fake: FakeDiscord, vast: Vast
     att = fake.add_attachment("set.zip", dataset_zip())
     ix = fake.slash("train", {"name": "cat", "trigger_word": "sks"}, attachments={"dataset": att})
     await fake.wait_for(lambda: ix.callbacks)
-    assert "Trainers" in ix.callbacks[0]["data"]["content"] and ix.callbacks[0]["data"]["flags"] & 64
+    assert f"<@&{fake.roles['Trainers']}>" in ix.callbacks[0]["data"]["content"] and ix.callbacks[0]["data"]["flags"] & 64
     assert fake.downloads == [] and creates(vast) == []
 
 

@@ -119,6 +119,7 @@ class FakeDiscord:
         heartbeat_interval_ms: int = 41_250,
         token_lifetime_s: float = 15 * 60,
         latency_s: float = 0.0,
+        other_guilds: Sequence[int] = (),
     ) -> None:
         self.token = token
         self.guild_id = guild_id
@@ -130,6 +131,8 @@ class FakeDiscord:
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.token_lifetime_s = token_lifetime_s
         self.latency_s = latency_s
+        self.other_guilds = list(other_guilds)  # guilds the bot is already in at READY (not the operator's)
+        self.left_guilds: list[int] = []  # DELETE /users/@me/guilds/{id}
 
         self.requests: list[dict[str, Any]] = []  # method, path, status, body (raw bytes)
         self.messages: dict[int, FakeMessage] = {}
@@ -212,6 +215,7 @@ class FakeDiscord:
             "DISCORD_GUILD_ID": str(self.guild_id),
             "LORABOT_DISCORD_API_BASE": self.api_base,
             "LORABOT_DISCORD_GATEWAY": self.gateway_url,
+            "LORABOT_TEST_ENDPOINTS": "1",
         }
 
     def _serve(self) -> None:
@@ -244,6 +248,7 @@ class FakeDiscord:
         r.add_delete(a + "/channels/{cid}/messages/{mid}", self._channel_delete)
         r.add_post(a + "/channels/{cid}/messages/{mid}/threads", self._start_thread)
         r.add_post(a + "/channels/{cid}/typing", self._typing)
+        r.add_delete(a + "/users/@me/guilds/{gid}", self._leave_guild)
         self._runner = web.AppRunner(app, access_log=None)
         loop.run_until_complete(self._runner.setup())
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -638,6 +643,14 @@ class FakeDiscord:
     async def _typing(self, request: web.Request) -> web.Response:
         return web.Response(status=204)
 
+    async def _leave_guild(self, request: web.Request) -> web.Response:
+        gid = int(request.match_info["gid"])
+        with self._lock:
+            self.left_guilds.append(gid)
+        for ws in list(self._sockets):
+            await self._dispatch(ws, "GUILD_DELETE", {"id": str(gid)})
+        return web.Response(status=204)
+
     async def _attachment(self, request: web.Request) -> web.Response:
         f = self.attachments.get(int(request.match_info["id"]))
         with self._lock:
@@ -679,8 +692,9 @@ class FakeDiscord:
     async def _dispatch(self, ws: web.WebSocketResponse, event: str, data: Any) -> None:
         await ws.send_str(json.dumps({"op": 0, "t": event, "s": next(self._seq), "d": data}))
 
-    def guild_json(self) -> dict[str, Any]:
-        everyone = {"id": str(self.guild_id), "name": "@everyone", "permissions": "1071698660929", "position": 0,
+    def guild_json(self, guild_id: int | None = None) -> dict[str, Any]:
+        gid = guild_id or self.guild_id
+        everyone = {"id": str(gid), "name": "@everyone", "permissions": "1071698660929", "position": 0,
                     "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0}
         roles = [everyone] + [
             {"id": str(rid), "name": name, "permissions": "0", "position": i + 1, "color": 0, "hoist": False,
@@ -688,7 +702,8 @@ class FakeDiscord:
             for i, (name, rid) in enumerate(self.roles.items())
         ]
         return {
-            "id": str(self.guild_id), "name": "fake guild", "icon": None, "owner_id": "1", "roles": roles,
+            "id": str(gid), "name": "fake guild" if gid == self.guild_id else f"other guild {gid}", "icon": None,
+            "owner_id": "1", "roles": roles,
             "emojis": [], "stickers": [], "features": [], "channels": [self.channel_json(self.channel_id)],
             "threads": [], "members": [], "voice_states": [], "presences": [], "member_count": 3,
             "large": False, "unavailable": False, "premium_tier": 0, "joined_at": _iso(),
@@ -700,11 +715,22 @@ class FakeDiscord:
 
     async def _send_ready(self, ws: web.WebSocketResponse) -> None:
         await self._dispatch(ws, "READY", {
-            "v": 10, "user": self._bot_user(), "guilds": [{"id": str(self.guild_id), "unavailable": True}],
+            "v": 10, "user": self._bot_user(),
+            "guilds": [{"id": str(g), "unavailable": True} for g in [self.guild_id, *self.other_guilds]],
             "session_id": "fake-session", "resume_gateway_url": self.gateway_url,
             "application": {"id": str(self.app_id), "flags": 0}, "private_channels": [], "relationships": [],
         })
         await self._dispatch(ws, "GUILD_CREATE", self.guild_json())
+        for gid in self.other_guilds:
+            await self._dispatch(ws, "GUILD_CREATE", self.guild_json(gid))
+
+    def join_guild(self, guild_id: int) -> None:
+        """The bot is added to another guild (someone used its install link): GUILD_CREATE without
+        `unavailable` (its presence, false, marks an outage ending, which discord.py reports as
+        guild_available rather than guild_join)."""
+        data = self.guild_json(guild_id)
+        data.pop("unavailable")
+        self._broadcast("GUILD_CREATE", data)
 
     def wait_identified(self, timeout: float = 10.0) -> bool:
         return self._identified.wait(timeout)
@@ -749,7 +775,8 @@ class FakeDiscord:
                 "proxy_url": f"{self.base_url}/cdn/attachments/{aid}/{filename}", "content_type": content_type}
 
     def _new_interaction(self, kind: int, name: str, user_id: int, data: dict[str, Any], *, user_name: str | None,
-                         roles: Sequence[str], permissions: int, source: int | None = None) -> FakeInteraction:
+                         roles: Sequence[str], permissions: int, source: int | None = None,
+                         guild_id: int | None = None, dm: bool = False) -> FakeInteraction:
         iid = self.snowflake()
         token = f"itoken-{iid}"
         ix = FakeInteraction(iid, token, kind, name, user_id, self.channel_id, time.time())
@@ -757,15 +784,27 @@ class FakeDiscord:
             self.interactions[iid] = ix
             if source is not None:  # registered before the event goes out: a fast UPDATE_MESSAGE finds it
                 self._sources[iid] = source
+        gid = guild_id or self.guild_id
         payload: dict[str, Any] = {
             "id": str(iid), "application_id": str(self.app_id), "type": kind, "token": token, "version": 1,
-            "guild_id": str(self.guild_id), "channel_id": str(self.channel_id),
-            "channel": self.channel_json(self.channel_id),
+            "guild_id": str(gid), "channel_id": str(self.channel_id),
+            "channel": dict(self.channel_json(self.channel_id), guild_id=str(gid)),
             "member": self.member_json(user_id, user_name, roles=roles, permissions=permissions),
             "app_permissions": "1071698660929", "locale": "en-US", "guild_locale": "en-US",
             "attachment_size_limit": 10 * 1024**2, "entitlements": [],
-            "authorizing_integration_owners": {"0": str(self.guild_id)}, "context": 0, "data": data,
+            "authorizing_integration_owners": {"0": str(gid)}, "context": 0, "data": data,
         }
+        if dm:
+            # a DM: no guild, no member (the user object instead), a DM channel, context BOT_DM
+            for key in ("guild_id", "member", "guild_locale"):
+                payload.pop(key)
+            data.pop("guild_id", None)
+            payload["user"] = self.user_json(user_id, user_name)
+            payload["channel"] = {"id": str(self.channel_id), "type": 1, "last_message_id": None, "flags": 0,
+                                  "recipients": [self.user_json(user_id, user_name)]}
+            payload["app_permissions"] = "0"
+            payload["authorizing_integration_owners"] = {"1": str(user_id)}
+            payload["context"] = 1
         if source is not None:
             payload["message"] = self._message_json(self.messages[source])
         self._broadcast("INTERACTION_CREATE", payload)
@@ -785,10 +824,12 @@ class FakeDiscord:
 
     def slash(self, name: str, options: dict[str, Any] | None = None, *, user_id: int = 1001,
               user_name: str | None = None, roles: Sequence[str] = (), permissions: int = 0,
-              attachments: dict[str, dict[str, Any]] | None = None, focused: str | None = None) -> FakeInteraction:
+              attachments: dict[str, dict[str, Any]] | None = None, focused: str | None = None,
+              guild_id: int | None = None, dm: bool = False) -> FakeInteraction:
         """Send a slash command (or, with `focused`, an autocomplete request) to the bot.
 
-        `attachments` maps an option name to a dict from `add_attachment`.
+        `attachments` maps an option name to a dict from `add_attachment`; `guild_id` sends it from
+        another guild than the fake's own, `dm` from a direct message.
         """
         opts = [self._option(k, v) for k, v in (options or {}).items()]
         if focused is not None:
@@ -800,12 +841,12 @@ class FakeDiscord:
         for opt_name, att in (attachments or {}).items():
             opts.append({"name": opt_name, "type": 11, "value": att["id"]})
             resolved.setdefault("attachments", {})[att["id"]] = att
-        data: dict[str, Any] = {"id": str(self.snowflake()), "name": name, "type": 1, "guild_id": str(self.guild_id),
-                                "options": opts}
+        data: dict[str, Any] = {"id": str(self.snowflake()), "name": name, "type": 1,
+                                "guild_id": str(guild_id or self.guild_id), "options": opts}
         if resolved:
             data["resolved"] = resolved
         return self._new_interaction(4 if focused else 2, name, user_id, data, user_name=user_name, roles=roles,
-                                     permissions=permissions)
+                                     permissions=permissions, guild_id=guild_id, dm=dm)
 
     def click(self, message_id: int, custom_id: str, *, user_id: int = 1001, user_name: str | None = None,
               roles: Sequence[str] = (), permissions: int = 0) -> FakeInteraction:
