@@ -16,7 +16,8 @@ from discord.ext import commands
 
 from bot import embeds
 from bot.app import LoraBot, NotAllowed, UserFacingError, defer, report_error, send_ephemeral
-from services.jobs.intake import decline, draft
+from bot.attachments import attachment_fetch
+from services.jobs.intake import Fetch, decline, draft
 
 log = logging.getLogger(__name__)
 
@@ -148,14 +149,10 @@ class Train(commands.Cog):
         elif url is not None and not url.lower().startswith("https://"):
             raise UserFacingError("The link must start with https://")
         await defer(interaction, ephemeral=True)
-        source: str | bytes
+        source: str | Fetch
         if dataset is not None:
-            try:
-                source = await dataset.read()
-            except discord.HTTPException as exc:
-                raise UserFacingError(f"Could not download `{dataset.filename}` from Discord ({exc.status}).") from None
-            if len(source) > limit:
-                raise UserFacingError(f"`{dataset.filename}` is larger than its announced size; refusing it.")
+            # streamed to disk by the intake, under its semaphore and after the per-user limits
+            source = attachment_fetch(dataset, limit)
         else:
             assert url is not None
             source = url

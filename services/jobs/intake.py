@@ -7,7 +7,9 @@ Draft. Nothing is rented here; a job only reaches the worker once it is confirme
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,11 @@ from services.settings import Settings
 from services.vastai import Offer, OfferQuery, VastClient, VastError
 
 DEFAULT_PRESET = "character"
+# a front-end's download of the dataset (a Discord attachment): writes the archive to the path given,
+# streamed, and raises DatasetError when it cannot. Run under the intake semaphore, after the limits.
+Fetch = Callable[[Path], Awaitable[None]]
+UPLOAD_NAME = "upload.zip"
+RATE_WINDOW_S = 3600.0
 _SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, asyncio.Semaphore]] = (
     weakref.WeakKeyDictionary()
 )
@@ -69,7 +76,7 @@ async def draft(
     store: JobStore,
     settings: Settings,
     *,
-    source: str | Path | bytes,
+    source: str | Path | bytes | Fetch,
     user_id: str,
     user_name: str = "",
     origin: str = "cli",
@@ -83,9 +90,12 @@ async def draft(
     vast: VastClient | None = None,
     train: bool = True,
 ) -> Draft:
-    job = await store.create(Job(user_id=user_id, user_name=user_name, source=origin, name=name,
-                                 trigger_word=trigger, guild_id=guild_id, channel_id=channel_id,
-                                 max_price=max_price, train=train))
+    # per-user caps (open drafts, intakes per hour, dry runs included) before any work is done
+    job = await store.create_within_limits(
+        Job(user_id=user_id, user_name=user_name, source=origin, name=name, trigger_word=trigger,
+            guild_id=guild_id, channel_id=channel_id, max_price=max_price, train=train),
+        max_open_drafts=settings.max_open_drafts_per_user, max_per_window=settings.train_rate,
+        window_s=RATE_WINDOW_S)
     try:
         recipe = FluxRecipe.from_preset(preset or DEFAULT_PRESET, name=name, trigger_word=trigger,
                                         **(overrides or {}))
@@ -96,7 +106,17 @@ async def draft(
     work = Path(settings.work_dir) / job.id
     try:
         async with _intake_slots(settings.max_concurrent_intakes):
-            prepared = await prepare(source, work, settings, trigger)
+            if callable(source):
+                upload = work / UPLOAD_NAME
+                await asyncio.to_thread(work.mkdir, parents=True, exist_ok=True)
+                try:
+                    await source(upload)
+                    prepared = await prepare(upload, work, settings, trigger)
+                finally:
+                    with contextlib.suppress(OSError):
+                        await asyncio.to_thread(upload.unlink, True)
+            else:
+                prepared = await prepare(source, work, settings, trigger)
     except DatasetError as exc:
         report = rejected_report(exc)
         job = await _fail(store, job, f"dataset rejected: {exc}", "user")
@@ -129,6 +149,12 @@ async def draft(
                             dataset_sha256=prepared.manifest.dataset_sha256,
                             dataset_bytes=prepared.manifest.total_bytes, quote=quote_doc(q),
                             total_steps=recipe.steps)
+    if q.cost_high_usd > settings.max_job_cost:
+        # it would be stopped at the cap with nothing to show for the money (issue 13, M8)
+        msg = (f"this job may cost up to ${q.cost_high_usd:.2f}, above the ${settings.max_job_cost:.2f} limit "
+               "per job; use fewer steps or a lower max_price")
+        job = await _fail(store, job, msg, "user")
+        return Draft(job, report, q, offer, False, msg)
     job = await store.transition(job.id, JobState.AWAITING_CONFIRMATION, q.summary())
     return Draft(job, report, q, offer, True)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from services import progress as prog
+from services.jobs import budget
 from services.jobs.errors import InfraFailure, JobCancelled, JobFailure
 from services.jobs.events import (
     Cancelled,
@@ -198,9 +199,13 @@ class Pipeline:
                 raise NoOffers("no offer under the price cap right now")
             hours = float(job.quote.get("hours_high") or 1.0)
             need = offers[0].dph_total * hours * self.s.credit_margin
+            # the credit must also cover what every other live job may still spend (issue 13, M8)
+            others = budget.committed_elsewhere(await self.d.store.live(), job.id)
             credit = (await self.d.vast.balance()).credit
-            if credit < need:
-                raise InsufficientCredit(f"Vast.ai credit ${credit:.2f} is below the ${need:.2f} this job may cost")
+            if credit < need + others:
+                raise InsufficientCredit(
+                    f"Vast.ai credit ${credit:.2f} is below the ${need:.2f} this job may cost"
+                    + (f" plus the ${others:.2f} other running jobs may still spend" if others else ""))
             await self.d.vast.ensure_ssh_key(pub)
             result = await rent(self.d.vast, label=job.label, image=self.s.image, disk_gb=self.s.disk_gb,
                                 offers=offers, attempts=self.s.rent_attempts)

@@ -18,6 +18,8 @@ from typing import Any
 
 import aiosqlite
 
+from services.jobs import budget
+from services.jobs.errors import JobRefused
 from services.jobs.model import TERMINAL, Job, JobEventRow, JobState, check_transition
 
 # Each migration moves the schema one version up; never edit a released one, add a new one.
@@ -63,6 +65,9 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # columns mirrored out of the JSON document (the document stays the source of truth)
 _MIRRORED = ["state", "user_id", "label", "instance_id", "created_at", "updated_at", "offer_id", "dph_total",
              "ssh_host", "ssh_port", "host_key", "owner", "owner_seen_at", "cancel_requested"]
+
+
+S_QUEUED = JobState.QUEUED.value
 
 
 class JobNotFound(KeyError):
@@ -188,23 +193,25 @@ class JobStore:
 
     async def transition(self, job_id: str, dst: JobState, reason: str = "", **fields: Any) -> Job:
         """Move a job to `dst`, checked, with its reason and fields, in one transaction."""
-        now = time.time()
         async with self._transaction():
-            job = await self._load(job_id)
-            check_transition(job.id, job.state, dst)
-            src = job.state
-            updated = job.model_copy(update={**fields, "state": dst, "updated_at": now})
-            if dst.terminal:
-                updated.finished_at = updated.finished_at or now
-                updated.reason = reason or updated.reason
-            elif reason:
-                updated.reason = reason
-            updated = Job.model_validate(updated.model_dump())  # validate field updates
-            await self._write(updated)
-            await self.db.execute(
-                "INSERT INTO job_events (job_id, at, src, dst, reason) VALUES (?, ?, ?, ?, ?)",
-                (job.id, now, src.value, dst.value, reason),
-            )
+            return await self._transition_in_tx(await self._load(job_id), dst, reason, fields)
+
+    async def _transition_in_tx(self, job: Job, dst: JobState, reason: str, fields: dict[str, Any]) -> Job:
+        now = time.time()
+        check_transition(job.id, job.state, dst)
+        src = job.state
+        updated = job.model_copy(update={**fields, "state": dst, "updated_at": now})
+        if dst.terminal:
+            updated.finished_at = updated.finished_at or now
+            updated.reason = reason or updated.reason
+        elif reason:
+            updated.reason = reason
+        updated = Job.model_validate(updated.model_dump())  # validate field updates
+        await self._write(updated)
+        await self.db.execute(
+            "INSERT INTO job_events (job_id, at, src, dst, reason) VALUES (?, ?, ?, ?, ?)",
+            (job.id, now, src.value, dst.value, reason),
+        )
         return updated
 
     async def update(self, job_id: str, **fields: Any) -> Job:
@@ -251,10 +258,72 @@ class JobStore:
             row = await cur.fetchone()
         return self._row_to_job(row) if row else None
 
+    async def budget_jobs(self, since: float, user_id: str | None = None) -> list[Job]:
+        """The jobs that may count in a budget since `since`: confirmed and unfinished, or changed
+        since then (a job billed after `since` was written at or after its last billed second)."""
+        committed = [s.value for s in budget.COMMITTED]
+        sql = f"SELECT doc FROM jobs WHERE (state IN ({', '.join('?' for _ in committed)}) OR updated_at >= ?)"  # noqa: S608
+        args: list[Any] = [*committed, since]
+        if user_id is not None:
+            sql += " AND user_id = ?"
+            args.append(user_id)
+        async with self.db.execute(sql, args) as cur:
+            rows = await cur.fetchall()
+        return [self._row_to_job(r) for r in rows]
+
     async def spent_since(self, since: float, user_id: str | None = None) -> float:
-        """Money spent (settled + running) on jobs created since `since`."""
-        jobs = await self.find(user_id=user_id, limit=100_000)
-        return round(sum(j.cost_so_far() for j in jobs if j.created_at >= since), 4)
+        """Money billed since `since` (by billing time, not by when the job was created)."""
+        now = time.time()
+        return round(sum(budget.billed_since(j, since, now) for j in await self.budget_jobs(since, user_id)), 4)
+
+    async def exposure(self, since: float, user_id: str | None = None) -> float:
+        """Money billed since `since` plus what every confirmed, unfinished job may still spend."""
+        return budget.exposure(await self.budget_jobs(since, user_id), since)
+
+    async def queue_within_budget(self, job_id: str, *, since: float, user_budget: float, global_budget: float,
+                                  max_queued_per_user: int, reason: str = "confirmed") -> Job:
+        """Check the budgets and the user's queue cap and move the draft to QUEUED, in one
+        BEGIN IMMEDIATE transaction: two confirms at once (from any process) cannot both pass."""
+        async with self._transaction():
+            job = await self._load(job_id)
+            if job.state not in budget.OPEN_DRAFTS:
+                raise JobRefused(f"job {job.id} is {job.state.value}, not waiting to be confirmed")
+            queued = await self._count("state = ? AND user_id = ? AND id != ?", S_QUEUED, job.user_id, job.id)
+            if queued >= max_queued_per_user:
+                raise JobRefused(f"you already have {queued} job(s) waiting in the queue (the limit is "
+                                 f"{max_queued_per_user}); wait for one to start or cancel one")
+            why = budget.refusal(job, await self.budget_jobs(since), since=since, user_budget=user_budget,
+                                 global_budget=global_budget)
+            if why is not None:
+                raise JobRefused(why)
+            return await self._transition_in_tx(job, JobState.QUEUED, reason, {})
+
+    async def create_within_limits(self, job: Job, *, max_open_drafts: int, max_per_window: int,
+                                   window_s: float = 3600.0) -> Job:
+        """Create a draft unless its user already has `max_open_drafts` open or started
+        `max_per_window` intakes within `window_s` (dry runs and refused ones included)."""
+        drafts = [s.value for s in budget.OPEN_DRAFTS]
+        async with self._transaction():
+            open_now = await self._count(f"user_id = ? AND state IN ({', '.join('?' for _ in drafts)})",
+                                         job.user_id, *drafts)
+            if open_now >= max_open_drafts:
+                raise JobRefused(f"you already have {open_now} quote(s) open (the limit is {max_open_drafts}); "
+                                 "confirm or cancel one first")
+            recent = await self._count("user_id = ? AND created_at >= ?", job.user_id, job.created_at - window_s)
+            if recent >= max_per_window:
+                raise JobRefused(f"too many training requests: {recent} in the last {window_s / 60:.0f} minutes "
+                                 f"(the limit is {max_per_window}); try again later")
+            await self._write(job, insert=True)
+            await self.db.execute(
+                "INSERT INTO job_events (job_id, at, src, dst, reason) VALUES (?, ?, NULL, ?, ?)",
+                (job.id, job.created_at, job.state.value, "created"),
+            )
+        return job
+
+    async def _count(self, where: str, *args: Any) -> int:
+        async with self.db.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", args) as cur:  # noqa: S608
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
 
     async def claim(self, job_id: str, owner: str, lease_s: float = 60.0) -> bool:
         """Take (or renew) the lease on a job; False when another live process holds it."""

@@ -19,10 +19,11 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
+from services.jobs import budget
+from services.jobs.budget import day_start
 from services.jobs.errors import JobRefused
-from services.jobs.events import Cancelled, Notifier, Queued
+from services.jobs.events import Cancelled, Failed, Notifier, Queued
 from services.jobs.model import Job, JobState
 from services.jobs.pipeline import Deps, Pipeline, job_id_from_label
 from services.jobs.store import JobStore
@@ -42,9 +43,7 @@ class CancelResult:
     cost_usd: float
 
 
-def day_start(now: float | None = None) -> float:
-    d = datetime.fromtimestamp(now or time.time(), UTC)
-    return d.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+__all__ = ["CancelResult", "Worker", "day_start", "find_orphans"]
 
 
 class Worker:
@@ -122,24 +121,24 @@ class Worker:
 
     # --- queue --------------------------------------------------------------------------------
     async def check_budget(self, job: Job) -> None:
-        """Refuse a job that would go past the user's daily or the global budget."""
+        """Refuse a job that would go past the user's daily or the global budget, counting what is
+        spent and what every confirmed, unfinished job may still spend (the job itself included)."""
         s = self.settings
         since = day_start()
-        est = float(job.quote.get("cost_high") or 0.0)
-        user_spent = await self.store.spent_since(since, job.user_id)
-        if user_spent + est > s.user_daily_budget:
-            raise JobRefused(f"daily budget reached: ${user_spent:.2f} spent today, this job may cost ${est:.2f}, "
-                             f"the limit is ${s.user_daily_budget:.2f} per user")
-        total = await self.store.spent_since(since)
-        if total + est > s.global_daily_budget:
-            raise JobRefused(f"the server's daily budget (${s.global_daily_budget:.2f}) is used up; try tomorrow")
+        why = budget.refusal(job, await self.store.budget_jobs(since), since=since,
+                             user_budget=s.user_daily_budget, global_budget=s.global_daily_budget)
+        if why is not None:
+            raise JobRefused(why)
 
     async def submit(self, job_id: str) -> int:
-        """Queue a confirmed job; returns its queue position (1 = next)."""
+        """Queue a confirmed job; returns its queue position (1 = next). The budget check and the
+        move to QUEUED are one transaction in the store (issue 13)."""
         job = await self.store.require(job_id)
         if job.state in (S.VALIDATING, S.AWAITING_CONFIRMATION):
-            await self.check_budget(job)
-            job = await self.store.transition(job.id, S.QUEUED, "confirmed")
+            s = self.settings
+            job = await self.store.queue_within_budget(
+                job.id, since=day_start(), user_budget=s.user_daily_budget, global_budget=s.global_daily_budget,
+                max_queued_per_user=s.max_queued_per_user)
         elif job.state != S.QUEUED:
             raise JobRefused(f"job {job.id} is {job.state.value}, not waiting to start")
         if job.id not in self._pending and job.id not in self._running:
@@ -208,8 +207,27 @@ class Worker:
                 self._dequeue(job_id)
                 continue
             self._dequeue(job_id)
+            if await self._over_budget(job):
+                continue
             self._launch(job)
         await self._announce_positions()
+
+    async def _over_budget(self, job: Job) -> bool:
+        """The check again before renting: money spent since the job was queued (or a job queued by
+        another process) may leave no room now. Such a job fails with the reason; nothing is rented."""
+        try:
+            await self.check_budget(job)
+            return False
+        except JobRefused as exc:
+            reason = f"not started: {exc}"
+        try:
+            job = await self.store.transition(job.id, S.FAILED, reason, failure_kind="budget")
+        finally:
+            with contextlib.suppress(Exception):
+                await self.store.release(job.id, self.owner)
+        with contextlib.suppress(Exception):
+            await self.notifier.notify(job, Failed(reason, "budget"))
+        return True
 
     def _launch(self, job: Job, cancel: asyncio.Event | None = None) -> asyncio.Task[Job]:
         pipeline = Pipeline(self.deps, job.id, cancel=cancel)
