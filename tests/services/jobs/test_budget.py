@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ async def queue(store: JobStore, job_id: str, *, user_budget: float = 10.0, glob
 
 
 @pytest.fixture
-async def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+async def store(tmp_path: Path) -> AsyncIterator[JobStore]:
     async with JobStore(tmp_path / "jobs.sqlite3") as s:
         yield s
 
