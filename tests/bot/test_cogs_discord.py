@@ -112,7 +112,8 @@ async def test_train_role_allow_list(bot: LoraBot, fake: FakeDiscord, vast: Vast
     att = fake.add_attachment("set.zip", dataset_zip())
     ix = fake.slash("train", {"name": "cat", "trigger_word": "sks"}, attachments={"dataset": att})
     await fake.wait_for(lambda: ix.callbacks)
-    assert f"<@&{fake.roles['Trainers']}>" in ix.callbacks[0]["data"]["content"] and ix.callbacks[0]["data"]["flags"] & 64
+    data = ix.callbacks[0]["data"]
+    assert f"<@&{fake.roles['Trainers']}>" in data["content"] and data["flags"] & 64
     assert fake.downloads == [] and creates(vast) == []
 
 
