@@ -479,8 +479,12 @@ def _make_draft(s: Settings, source: str, *, name: str, trigger: str, preset: st
                                trigger=trigger, preset=preset, overrides=overrides, max_price=max_price, vast=vast,
                                train=train)
 
+    from services.jobs.errors import JobRefused
+
     try:
         return run(go())
+    except JobRefused as exc:  # a per-user cap or the intake rate (issue 13)
+        fail(f"not started: {exc}", EXIT_USAGE)
     except KeyboardInterrupt:
         fail("interrupted while checking the dataset; nothing was rented", EXIT_CANCELLED)
 
