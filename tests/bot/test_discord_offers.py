@@ -72,7 +72,9 @@ async def test_commands_are_synced_once_to_the_guild_and_not_again_when_unchange
         assert bot.synced is True
     async with running_bot(fake, s) as bot:
         assert bot.synced is False
-    assert [scope for scope, _ in fake.command_puts] == [str(fake.guild_id)]
+    # the guild's commands, then the global list emptied (an earlier run's global commands), once
+    assert [scope for scope, _ in fake.command_puts] == [str(fake.guild_id), "global"]
+    assert fake.command_puts[1][1] == []
     names = {c["name"] for c in fake.command_puts[0][1]}
     assert {"offers", "train", "status", "cancel", "reconcile", "balance"} <= names
 
