@@ -138,6 +138,14 @@ class VerificationError(SSHError):
         super().__init__(f"{what}: {shown}")
 
 
+class TooLargeError(VerificationError):
+    """A file from the box passed the size cap this host allows (an untrusted box, review M7)."""
+
+    def __init__(self, message: str) -> None:
+        SSHError.__init__(self, message)
+        self.files = []
+
+
 @dataclass(frozen=True)
 class Endpoint:
     host: str
@@ -636,8 +644,13 @@ class Box:
         res = await self.run(["sha256sum", "--", remote])
         return res.stdout.split(" ", 1)[0].strip()
 
-    async def download(self, remote: str, local: Path, *, sha256: str | None = None) -> Path:
-        """Copy a remote file to `local` (atomically), verified against `sha256` or the box's own hash."""
+    async def download(
+        self, remote: str, local: Path, *, sha256: str | None = None, max_bytes: int | None = None
+    ) -> Path:
+        """Copy a remote file to `local` (atomically), verified against `sha256` or the box's own hash.
+
+        `max_bytes` caps what an untrusted box may make this host store (review M7).
+        """
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
         expected = sha256 or await self.sha256(remote)
@@ -651,7 +664,12 @@ class Box:
             with fh:
                 buf: list[bytes] = []
                 pending = 0
+                total = 0
                 while chunk := await proc.stdout.read(_CHUNK):
+                    total += len(chunk)
+                    if max_bytes is not None and total > max_bytes:
+                        proc.kill()
+                        raise TooLargeError(f"{remote} is larger than {max_bytes} bytes")
                     digest.update(chunk)
                     buf.append(chunk)
                     pending += len(chunk)
@@ -661,6 +679,9 @@ class Box:
                 if buf:
                     await asyncio.to_thread(fh.write, b"".join(buf))
             res = await proc.wait()
+        except TooLargeError:
+            tmp.unlink(missing_ok=True)
+            raise
         except (OSError, asyncssh.Error) as exc:
             tmp.unlink(missing_ok=True)
             raise ConnectionLostError(f"download of {remote} interrupted: {exc}") from exc
