@@ -389,13 +389,15 @@ async def _instances_left(s: Settings, job: Job) -> int | None:
     """Live instances labelled for this job (0 once it ended: the proof that nothing bills)."""
     from services.vastai import VastClient, VastError
 
-    prefix = f"{s.label_prefix}{job.id}"
+    prefix = s.label_prefix
     try:
         async with VastClient.from_settings(s) as vast:
             found = await vast.list_instances()
     except VastError:
         return None
-    return sum(1 for i in found if i.label and (i.label == prefix or i.label.startswith(prefix + "-")))
+    # labels are `<prefix><install>-<job>[-<attempt>]` (older ones `<prefix><job>[-<attempt>]`)
+    return sum(1 for i in found if i.label and i.label.startswith(prefix)
+               and job.id in i.label[len(prefix):].split("-"))
 
 
 def _result_doc(s: Settings, outcome: Outcome, instances_left: int | None) -> dict[str, Any]:

@@ -86,14 +86,21 @@ def job_name(job: Job) -> str:
     return f"lora_{job.id}"
 
 
-def label_for(settings: Settings, job: Job, attempt: int) -> str:
-    return f"{settings.label_prefix}{job.id}" + ("" if attempt <= 1 else f"-{attempt}")
+def install_prefix(settings: Settings, install_id: str) -> str:
+    """What every label this installation rents under starts with (another deployment's do not)."""
+    return f"{settings.label_prefix}{install_id}-"
 
 
-def job_id_from_label(settings: Settings, label: str | None) -> str | None:
-    if not label or not label.startswith(settings.label_prefix):
+def label_for(settings: Settings, job: Job, attempt: int, install_id: str) -> str:
+    return f"{install_prefix(settings, install_id)}{job.id}" + ("" if attempt <= 1 else f"-{attempt}")
+
+
+def job_id_from_label(settings: Settings, label: str | None, install_id: str) -> str | None:
+    """The job id in a label of this installation; None for anyone else's label."""
+    prefix = install_prefix(settings, install_id)
+    if not label or not label.startswith(prefix):
         return None
-    return label[len(settings.label_prefix):].split("-", 1)[0] or None
+    return label[len(prefix):].split("-", 1)[0] or None
 
 
 class Pipeline:
@@ -189,7 +196,7 @@ class Pipeline:
 
     async def _rent(self, job: Job) -> Job:
         if job.state == S.QUEUED:
-            label = label_for(self.s, job, job.attempt)
+            label = label_for(self.s, job, job.attempt, self.d.store.install_id)
             # the label is stored before the create: a crash after it still finds the machine
             job = await self._to(job, S.RENTING, f"renting (attempt {job.attempt})", label=label,
                                  started_at=job.started_at or time.time())
@@ -850,7 +857,7 @@ class Pipeline:
             job, dst, f"retrying on another machine after: {exc.message}", attempt=attempt,
             excluded_machines=excluded, instance_id=None, machine_id=None, offer_id=None, ssh_host=None,
             ssh_port=None, host_key=None, instance_gone_at=None, rented_at=None, log_offset=0, step=0,
-            label=label_for(self.s, job, attempt),
+            label=label_for(self.s, job, attempt, self.d.store.install_id),
         )
         self._parser = None
         return await self.run()
