@@ -193,6 +193,13 @@ class Settings(BaseSettings):
             return v or None
         return v
 
+    @field_validator("db_path", "work_dir", mode="after")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        # made absolute once, at start: a later chdir (or another cwd for `lorabot`) must not
+        # point the bot at another store and so at other jobs' instances (review H5)
+        return v if str(v) == ":memory:" else v.expanduser().absolute()
+
     @field_validator("train_roles", "admin_roles", mode="before")
     @classmethod
     def _split_list(cls, v: Any) -> Any:

@@ -21,6 +21,7 @@ from typing import Any
 
 import aiosqlite
 
+from services.jobs.cleanup import drop_dataset_of
 from services.jobs.model import TERMINAL, Job, JobEventRow, JobState, check_transition
 
 # Each migration moves the schema one version up; never edit a released one, add a new one.
@@ -296,6 +297,8 @@ class JobStore:
                 "INSERT INTO job_events (job_id, at, src, dst, reason) VALUES (?, ?, ?, ?, ?)",
                 (job.id, now, src.value, dst.value, reason),
             )
+        if dst.terminal:  # every way a job ends passes here: its photos go (review H1)
+            await drop_dataset_of(updated.dataset_dir)
         return updated
 
     async def update(self, job_id: str, **fields: Any) -> Job:

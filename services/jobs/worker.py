@@ -20,12 +20,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from services.jobs.errors import JobRefused
 from services.jobs.events import Cancelled, Notifier, Queued
 from services.jobs.model import Job, JobState
 from services.jobs.pipeline import Deps, Pipeline, job_id_from_label
 from services.jobs.store import JobStore
+from services.localfiles import private_dir, warn_on_exposed_key
 from services.settings import Settings
 from services.storage import Storage
 from services.vastai import Instance, VastClient, VastError
@@ -84,6 +86,8 @@ class Worker:
     async def start(self, *, recover: bool = True) -> None:
         if self._started:
             return
+        await asyncio.to_thread(private_dir, Path(self.settings.work_dir))  # 0700 (review L5)
+        warn_on_exposed_key(self.settings.ssh_key_path)
         self.vast = self._vast_factory()
         if self._storage is None and self.settings.r2_bucket:
             self._storage = Storage.from_settings(self.settings)
