@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import posixpath
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -64,6 +65,14 @@ UPLOADER = Path(__file__).resolve().parent.parent / "remote" / "upload_presigned
 LORA_MAX_BYTES = 2 * 1024**3
 LOG_MAX_BYTES = 64 * 1024**2
 SAMPLE_MAX_BYTES = 20 * 1024**2
+_SAMPLE_NAME = re.compile(r"(?P<ms>\d{1,20})__(?P<step>\d{9})_(?P<i>\d{1,6})\.(?P<ext>jpg|jpeg|png|webp)", re.I)
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _local_name(remote_path: str) -> str:
+    """A local file name for a box path (box output is untrusted: `..`, control characters)."""
+    name = posixpath.basename(remote_path)
+    return name if _SAFE_NAME.fullmatch(name) and ".." not in name else "artifact.bin"
 S = JobState
 
 
@@ -559,14 +568,18 @@ class Pipeline:
 
     async def _fetch_sample(self, job: Job, ev: prog.SampleWritten) -> None:
         out = expected_outputs(job_name(job), self._paths(job)[2])
-        name = posixpath.basename(ev.path)
+        m = _SAMPLE_NAME.fullmatch(posixpath.basename(ev.path))
+        if m is None:  # the local name is built from the match, never from what the box printed
+            return
+        name = f"{m['ms']}__{m['step']}_{m['i']}.{m['ext'].lower()}"
         if name in self._seen_samples:
             return
         self._seen_samples.add(name)
         remote = f"{out.samples_dir}/{name}"
         local = self._work / "samples" / name
         try:
-            await self._remote_call(job, "download sample", lambda r: r.box.download(remote, local))
+            await self._remote_call(job, "download sample", lambda r: r.box.download(
+                remote, local, max_bytes=SAMPLE_MAX_BYTES))
         except SSHError as exc:
             log.info("sample %s not fetched: %s", remote, exc)
             return
@@ -595,8 +608,8 @@ class Pipeline:
             return
         except (SSHError, StorageError, ValueError, KeyError) as exc:
             log.warning("direct upload of %s failed (%s); falling back to SSH download", path, exc)
-        local = self._work / "collect" / posixpath.basename(path)
-        await self._remote_call(job, "download", lambda r: r.box.download(path, local))
+        local = self._work / "collect" / _local_name(path)
+        await self._remote_call(job, "download", lambda r: r.box.download(path, local, max_bytes=LORA_MAX_BYTES))
         await storage.upload_file(local, key)
 
     async def _put_from_box(self, job: Job, path: str, key: str) -> None:
