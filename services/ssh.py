@@ -41,6 +41,7 @@ ProgressCallback = Callable[[int, int], None]
 # big reads keep the per-chunk overhead of the event loop and thread hops small.
 _CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
             "aes128-ctr", "aes256-ctr")
+CIPHERS = _CIPHERS  # also what `lorabot ssh` offers
 _WINDOW = 8 * 1024 * 1024
 _MAX_PKTSIZE = 256 * 1024
 _CHUNK = 1024 * 1024
