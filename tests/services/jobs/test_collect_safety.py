@@ -88,3 +88,29 @@ async def test_r2_down_at_collect_keeps_the_lora_and_delivers_it_after_a_restart
     body = obj["Body"].read()
     assert body and obj["Metadata"][SHA256_META] == hashlib.sha256(body).hexdigest()
     assert world.vast.live_instances() == []
+
+
+async def test_a_box_gone_before_the_lora_was_saved_fails_once_and_never_rents_again(
+    world: SimWorld, tmp_path: Path
+) -> None:
+    """The review's loop: collecting, the box gone, nothing saved. The old code destroyed, posted
+    "retrying", hit COLLECTING -> RENTING (forbidden) and did it again at every re-adoption."""
+    settings = world.settings()
+    recorder = Recorder()
+    async with JobStore(settings.db_path) as store:
+        job = await store.create(Job(user_id="u", name="gone", dataset_dir=str(tmp_path / "w" / "dataset")))
+        for dst in (S.QUEUED, S.RENTING, S.WAITING_READY, S.UPLOADING, S.TRAINING, S.COLLECTING):
+            job = await store.transition(job.id, dst, "x")
+        await store.update(job.id, instance_id=4242, instance_gone_at=1.0, rented_at=None)
+        for _ in range(2):  # a restart re-adopts it: still one post, still no rental
+            worker = Worker(store, settings, recorder, reaper=False)
+            await worker.start()
+            try:
+                job = await _until(store, job.id, lambda j: j.state.terminal, timeout=30)
+            finally:
+                await worker.stop()
+    assert job.state == S.FAILED and job.failure_kind == "collect", job.reason
+    assert job.attempt == 1
+    failed = recorder.of(Failed)
+    assert len(failed) == 1 and not failed[0].retrying  # type: ignore[attr-defined]
+    assert world.vast.live_instances() == []
