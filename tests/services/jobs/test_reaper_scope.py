@@ -83,3 +83,20 @@ async def test_the_installation_id_is_made_once_per_store(tmp_path: Path) -> Non
         assert a.install_id == first
     async with JobStore(tmp_path / "b.sqlite3") as b:
         assert b.install_id != first
+
+
+async def test_one_bad_row_never_stops_the_reaper(world: SimWorld) -> None:
+    settings = world.settings(reaper_unknown_grace_s=0)
+    async with JobStore(settings.db_path) as store, VastClient.from_settings(settings) as vast:
+        ours = f"{settings.label_prefix}{store.install_id}-"
+        bad = await store.create(Job(user_id="u"))
+        await store.db.execute("UPDATE jobs SET doc = ?, label = ? WHERE id = ?",
+                               ('{"id": "' + bad.id + '", "state": "from-the-future"}', f"{ours}{bad.id}", bad.id))
+        unreadable = world.vast.rent_outside(f"{ours}{bad.id}")
+        done = await store.create(Job(user_id="u"))
+        stale = world.vast.rent_outside(f"{ours}{done.id}")
+        await store.transition(done.id, JobState.FAILED, "x", label=f"{ours}{done.id}", instance_id=stale)
+        # the bad row is skipped (and logged), the rest is reaped as usual
+        assert [i.id for i in await find_orphans(store, settings, vast)] == [stale]
+        for iid in (unreadable, stale):
+            await vast.destroy_instance(iid)
