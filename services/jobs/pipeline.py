@@ -680,7 +680,9 @@ class Pipeline:
         try:
             await self._put_from_box(job, path, key)
             return await self.d.store.update(job.id, lora_stored=True)
-        except (SSHError, StorageError, ValueError, KeyError, InfraFailure) as exc:
+        except InfraFailure as exc:  # the box is gone or out of reach for good: no download either
+            raise JobFailure("collect", f"the LoRA could not be saved from the machine: {exc}") from None
+        except (SSHError, StorageError, ValueError, KeyError) as exc:
             log.warning("job %s: the box could not upload the LoRA (%s); downloading it here", job.id, exc)
         local = self._work / "collect" / "lora.safetensors"
         try:
