@@ -726,12 +726,10 @@ class Pipeline:
         storage = self.d.storage
         assert storage is not None
         if not job.lora_stored:
-            if not job.local_lora:
-                raise JobFailure("collect", "no copy of the LoRA is left to store")
-            try:
-                await storage.upload_file(Path(job.local_lora), keys.lora, sha256=job.local_lora_sha256)
-            except FileNotFoundError:
-                raise JobFailure("collect", f"the kept copy of the LoRA is gone: {job.local_lora}") from None
+            if not job.local_lora or not await asyncio.to_thread(Path(job.local_lora).is_file):
+                # not worth retrying: R2 coming back would not bring it back
+                raise JobFailure("collect", f"the kept copy of the LoRA is gone: {job.local_lora}")
+            await storage.upload_file(Path(job.local_lora), keys.lora, sha256=job.local_lora_sha256)
             job = await self.d.store.update(job.id, lora_stored=True)
         config_text = await asyncio.to_thread(self._config_text, job)
         await storage.upload_bytes(config_text.encode(), keys.config)
@@ -741,7 +739,8 @@ class Pipeline:
             await storage.upload_bytes(redacted.encode(), keys.log)
         samples = sorted((self._work / "samples").glob("*")) if (self._work / "samples").exists() else []
         for sample in samples[-12:]:
-            await storage.upload_file(sample, keys.sample(sample.name))
+            if sample.is_file():
+                await storage.upload_file(sample, keys.sample(sample.name))
         if job.dataset_dir:
             manifest_path = Path(job.dataset_dir).parent / "manifest.json"
             if manifest_path.exists():
