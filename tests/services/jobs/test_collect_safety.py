@@ -114,3 +114,22 @@ async def test_a_box_gone_before_the_lora_was_saved_fails_once_and_never_rents_a
     failed = recorder.of(Failed)
     assert len(failed) == 1 and not failed[0].retrying  # type: ignore[attr-defined]
     assert world.vast.live_instances() == []
+
+
+async def test_a_kept_copy_that_vanished_fails_instead_of_retrying_forever(world: SimWorld, tmp_path: Path) -> None:
+    settings = world.settings(collect_retry_min_s=0.1, collect_retry_max_s=0.1)
+    recorder = Recorder()
+    async with JobStore(settings.db_path) as store:
+        job = await store.create(Job(user_id="u", name="lost"))
+        for dst in (S.QUEUED, S.RENTING, S.WAITING_READY, S.UPLOADING, S.TRAINING, S.COLLECTING):
+            job = await store.transition(job.id, dst, "x")
+        await store.update(job.id, instance_id=4243, instance_gone_at=1.0, rented_at=None,
+                           local_lora=str(tmp_path / "nowhere.safetensors"), local_lora_sha256="0" * 64)
+        worker = Worker(store, settings, recorder, reaper=False)
+        await worker.start()
+        try:
+            job = await _until(store, job.id, lambda j: j.state.terminal, timeout=20)
+        finally:
+            await worker.stop()
+    assert job.state == S.FAILED and "kept copy" in job.reason
+    assert len(recorder.of(Failed)) == 1
