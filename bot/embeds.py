@@ -453,14 +453,23 @@ def loss_curve_png(points: Sequence[tuple[int, float]], width: int = 800, height
     return buf.getvalue()
 
 
+SAMPLE_FORMATS = ("JPEG", "PNG", "WEBP")
+MAX_SAMPLE_PIXELS = 16_000_000
+
+
 def shrink_image(data: bytes, limit: int = MAX_FILE_BYTES) -> tuple[bytes, str]:
     """Make an image fit the upload limit: as is when small enough, else a smaller JPEG.
     Returns (bytes, extension). CPU work, call it in a thread."""
-    if len(data) <= limit:
-        return data, ""
     from PIL import Image
 
-    img: Any = Image.open(io.BytesIO(data)).convert("RGB")
+    # box output: only the formats samples come in (no plugin such as EPS, which runs Ghostscript),
+    # and the pixel count checked from the header before anything is decoded (review M7)
+    img: Any = Image.open(io.BytesIO(data), formats=SAMPLE_FORMATS)
+    if img.width * img.height > MAX_SAMPLE_PIXELS:
+        raise ValueError(f"image of {img.width}x{img.height} pixels is larger than a sample may be")
+    if len(data) <= limit:
+        return data, ""
+    img = img.convert("RGB")
     quality = 90
     while True:
         buf = io.BytesIO()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import discord
+from PIL import Image
 
 from bot import embeds
 from services.jobs.events import (
@@ -233,7 +234,11 @@ class DiscordNotifier:
                 log.warning("discord notifier: no thread for job %s samples; posting in the channel", track.job.id)
         target = track.thread_id or track.channel_id
         raw = await asyncio.to_thread(ev.path.read_bytes)
-        data, ext = await asyncio.to_thread(embeds.shrink_image, raw)
+        try:
+            data, ext = await asyncio.to_thread(embeds.shrink_image, raw)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # box output: not a sample we show
+            log.warning("discord notifier: sample %s of job %s not posted: %s", ev.path.name, track.job.id, exc)
+            return
         filename = ev.path.stem + (ext or ev.path.suffix)
         caption = f"step {ev.step}" if ev.step is not None else "sample"
         if ev.prompt:

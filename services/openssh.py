@@ -70,6 +70,10 @@ def argv(
         "Compression": "no",  # images do not compress
         "ControlMaster": "no",
         "ControlPath": "none",
+        # -F /dev/null already drops the user's config; said again for argv copied into a shell
+        "ForwardAgent": "no",
+        "ClearAllForwardings": "yes",
+        "PermitLocalCommand": "no",
         "LogLevel": "ERROR",
     }
     out = [binary, "-F", "/dev/null", "-T", "-x", "-a", "-i", str(key_path), "-p", str(port), "-l", user]

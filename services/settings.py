@@ -171,6 +171,16 @@ class Settings(BaseSettings):
     max_queued_per_user: int = Field(2, ge=1, validation_alias="LORABOT_MAX_QUEUED_PER_USER")
     train_rate: int = Field(10, ge=1, validation_alias="LORABOT_TRAIN_RATE")
     lease_s: float = Field(60.0, gt=1, validation_alias="LORABOT_LEASE_S")
+    # --- issue 13 (i13c): never lose the result; the reaper; local disk -----------------------
+    # R2 down at collect: the upload from the kept local copy is retried, backoff between these
+    collect_retry_min_s: float = Field(5.0, gt=0, validation_alias="LORABOT_COLLECT_RETRY_MIN_S")
+    collect_retry_max_s: float = Field(300.0, gt=0, validation_alias="LORABOT_COLLECT_RETRY_MAX_S")
+    # an instance labelled for this installation but unknown to its store is destroyed only when
+    # seen twice at least this far apart (a rent whose id is not stored yet is not an orphan)
+    reaper_unknown_grace_s: float = Field(600.0, ge=0, validation_alias="LORABOT_REAPER_UNKNOWN_GRACE_S")
+    # intake refuses new datasets when the work folder's disk has less free space than this
+    min_free_disk_gb: float = Field(5.0, ge=0, validation_alias="LORABOT_MIN_FREE_DISK_GB")
+
     # seconds per training step of an RTX 4090 at 1024 px; the quote scales it by resolution
     sec_per_step_4090: float = Field(1.6, gt=0, validation_alias="LORABOT_SEC_PER_STEP_4090")
     # per-GPU overrides of that s/step at 1024 px, JSON ({"RTX 3090": 3.0}); see services/quote.py
@@ -190,6 +200,13 @@ class Settings(BaseSettings):
             v = v.strip()
             return v or None
         return v
+
+    @field_validator("db_path", "work_dir", mode="after")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        # made absolute once, at start: a later chdir (or another cwd for `lorabot`) must not
+        # point the bot at another store and so at other jobs' instances (review H5)
+        return v if str(v) == ":memory:" else v.expanduser().absolute()
 
     @field_validator("train_roles", "admin_roles", "discord_guild_ids", mode="before")
     @classmethod

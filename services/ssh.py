@@ -41,6 +41,7 @@ ProgressCallback = Callable[[int, int], None]
 # big reads keep the per-chunk overhead of the event loop and thread hops small.
 _CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
             "aes128-ctr", "aes256-ctr")
+CIPHERS = _CIPHERS  # also what `lorabot ssh` offers
 _WINDOW = 8 * 1024 * 1024
 _MAX_PKTSIZE = 256 * 1024
 _CHUNK = 1024 * 1024
@@ -136,6 +137,14 @@ class VerificationError(SSHError):
         self.files = list(files)
         shown = ", ".join(self.files[:10]) + (f" (+{len(self.files) - 10} more)" if len(self.files) > 10 else "")
         super().__init__(f"{what}: {shown}")
+
+
+class TooLargeError(VerificationError):
+    """A file from the box passed the size cap this host allows (an untrusted box, review M7)."""
+
+    def __init__(self, message: str) -> None:
+        SSHError.__init__(self, message)
+        self.files = []
 
 
 @dataclass(frozen=True)
@@ -636,8 +645,13 @@ class Box:
         res = await self.run(["sha256sum", "--", remote])
         return res.stdout.split(" ", 1)[0].strip()
 
-    async def download(self, remote: str, local: Path, *, sha256: str | None = None) -> Path:
-        """Copy a remote file to `local` (atomically), verified against `sha256` or the box's own hash."""
+    async def download(
+        self, remote: str, local: Path, *, sha256: str | None = None, max_bytes: int | None = None
+    ) -> Path:
+        """Copy a remote file to `local` (atomically), verified against `sha256` or the box's own hash.
+
+        `max_bytes` caps what an untrusted box may make this host store (review M7).
+        """
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
         expected = sha256 or await self.sha256(remote)
@@ -651,7 +665,12 @@ class Box:
             with fh:
                 buf: list[bytes] = []
                 pending = 0
+                total = 0
                 while chunk := await proc.stdout.read(_CHUNK):
+                    total += len(chunk)
+                    if max_bytes is not None and total > max_bytes:
+                        proc.kill()
+                        raise TooLargeError(f"{remote} is larger than {max_bytes} bytes")
                     digest.update(chunk)
                     buf.append(chunk)
                     pending += len(chunk)
@@ -661,6 +680,9 @@ class Box:
                 if buf:
                     await asyncio.to_thread(fh.write, b"".join(buf))
             res = await proc.wait()
+        except TooLargeError:
+            tmp.unlink(missing_ok=True)
+            raise
         except (OSError, asyncssh.Error) as exc:
             tmp.unlink(missing_ok=True)
             raise ConnectionLostError(f"download of {remote} interrupted: {exc}") from exc

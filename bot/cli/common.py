@@ -11,6 +11,7 @@ from typing import Any, NoReturn, TypeVar
 import typer
 from rich.console import Console
 
+from bot.cli.terminal import plain
 from services.settings import Settings, SettingsError, load_settings
 
 T = TypeVar("T")
@@ -28,7 +29,8 @@ EXIT_CANCELLED = 4
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """Print one clear line on stderr and exit."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    # the message may quote a box, Vast.ai or R2: its markup and control characters print as text (L8)
+    err_console.print(f"[bold red]error:[/] {plain(message)}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -70,8 +70,10 @@ def reconcile(
     destroy: Annotated[bool, typer.Option("--destroy", help="Destroy the orphans (else only list them).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Instances labelled with LORABOT_LABEL_PREFIX that no live job owns (orphans that bill)."""
-    from services.jobs.worker import find_orphans
+    """This installation's instances that no live job owns (orphans that bill); another deployment's
+    and hand-rented boxes are left alone. --destroy also destroys, by id, the instance of every
+    finished job whose destroy was never confirmed."""
+    from services.jobs.worker import find_orphans, sweep_store
     from services.vastai import VastClient, VastError
 
     s = settings("vastai_api_key", why="to list instances")
@@ -84,6 +86,9 @@ def reconcile(
                 if destroy:
                     await vast.destroy_instance(inst.id)
                 out.append({**inst.public(), "destroyed": destroy})
+            if destroy:
+                for iid in await sweep_store(store, vast):
+                    out.append({"id": iid, "label": None, "dph_total": 0.0, "destroyed": True})
             return out
 
     try:

@@ -389,13 +389,15 @@ async def _instances_left(s: Settings, job: Job) -> int | None:
     """Live instances labelled for this job (0 once it ended: the proof that nothing bills)."""
     from services.vastai import VastClient, VastError
 
-    prefix = f"{s.label_prefix}{job.id}"
+    prefix = s.label_prefix
     try:
         async with VastClient.from_settings(s) as vast:
             found = await vast.list_instances()
     except VastError:
         return None
-    return sum(1 for i in found if i.label and (i.label == prefix or i.label.startswith(prefix + "-")))
+    # labels are `<prefix><install>-<job>[-<attempt>]` (older ones `<prefix><job>[-<attempt>]`)
+    return sum(1 for i in found if i.label and i.label.startswith(prefix)
+               and job.id in i.label[len(prefix):].split("-"))
 
 
 def _result_doc(s: Settings, outcome: Outcome, instances_left: int | None) -> dict[str, Any]:
@@ -735,14 +737,16 @@ def launch(
 
 # --- ssh -----------------------------------------------------------------------------------------
 def write_known_hosts(s: Settings, job: Job) -> Path:
-    """A known_hosts file holding only the job's pinned host key (work_dir/<job>/known_hosts)."""
+    """A known_hosts file holding only the job's pinned host key (work_dir/<job>/known_hosts), filed
+    under services/openssh.py's host alias, whatever the endpoint's address."""
+    from services.openssh import HOST_ALIAS
+
     assert job.host_key and job.ssh_host and job.ssh_port
     parts = job.host_key.split()
-    host = job.ssh_host if job.ssh_port == 22 else f"[{job.ssh_host}]:{job.ssh_port}"
     path = Path(s.work_dir).expanduser() / job.id / "known_hosts"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{host} {parts[0]} {parts[1]}\n")
+    tmp.write_text(f"{HOST_ALIAS} {parts[0]} {parts[1]}\n")
     tmp.chmod(0o600)
     tmp.replace(path)
     return path
@@ -753,16 +757,20 @@ def interactive_shell_command(root: str) -> str:
 
 
 def ssh_argv(s: Settings, job: Job, known_hosts: Path, remote_command: str, *, tty: bool) -> list[str]:
-    """OpenSSH, pinned to the job's host key: a changed key is refused, never accepted."""
-    argv = [
-        "ssh", "-i", str(s.ssh_key_path), "-p", str(job.ssh_port),
-        "-o", f"UserKnownHostsFile={known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
-        "-o", "StrictHostKeyChecking=yes", "-o", "CheckHostIP=no", "-o", "UpdateHostKeys=no",
-        "-o", "IdentitiesOnly=yes", "-o", f"ConnectTimeout={int(s.ssh_connect_timeout_s)}",
-        "-o", "ServerAliveInterval=15", "-o", "LogLevel=ERROR",
-    ]
-    argv += ["-t"] if tty else ["-T", "-o", "BatchMode=yes"]
-    argv += [f"{s.ssh_user}@{job.ssh_host}", remote_command]
+    """OpenSSH with services/openssh.py's hardened argv (review H6): no ~/.ssh/config, no agent, X11
+    or port forwarding, no multiplexing, `--` before the host; pinned to the job's host key, so a
+    changed key is refused, never accepted."""
+    from services import openssh
+    from services.ssh import CIPHERS
+
+    assert job.ssh_host and job.ssh_port
+    argv = openssh.argv(
+        "ssh", host=job.ssh_host, port=job.ssh_port, user=s.ssh_user, key_path=s.ssh_key_path,
+        known_hosts=known_hosts, remote_command=remote_command, connect_timeout=s.ssh_connect_timeout_s,
+        keepalive_interval=15, keepalive_count_max=s.ssh_keepalive_count, ciphers=CIPHERS,
+    )
+    if tty:  # an interactive shell wants a terminal; everything else stays as hardened
+        argv[argv.index("-T")] = "-t"
     return argv
 
 
@@ -965,9 +973,10 @@ def cancel(job_id: JobArg, as_json: JsonOpt = False) -> None:
 
 # --- logs ----------------------------------------------------------------------------------------
 def _emit_log(data: bytes, secrets: list[str]) -> None:
+    from bot.cli.terminal import strip_controls
     from services.settings import redact
 
-    sys.stdout.write(redact(data.decode(errors="replace"), secrets))
+    sys.stdout.write(strip_controls(redact(data.decode(errors="replace"), secrets)))  # box bytes (L2)
     sys.stdout.flush()
 
 

@@ -126,6 +126,7 @@ def read_zip(source: Path | bytes, raw_dir: Path, limits: Limits) -> Intake:
         )
     fileobj: IO[bytes] = io.BytesIO(source) if isinstance(source, bytes) else _open(source)
     try:
+        _check_central_directory(fileobj, archive_size, limits)
         try:
             zf = zipfile.ZipFile(fileobj)
         except _READ_ERRORS as exc:
@@ -134,6 +135,49 @@ def read_zip(source: Path | bytes, raw_dir: Path, limits: Limits) -> Intake:
             return _extract(zf, archive_size, raw_dir, limits)
     finally:
         fileobj.close()
+
+
+# zipfile reads the whole central directory into memory and builds a ZipInfo per entry before
+# anything can be counted (review M1): its size and entry count are read from the end records first
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory: 22 bytes + a comment up to 64 KiB
+_EOCD64_LOCATOR = struct.Struct("<4sLQL")  # 20 bytes, right before the EOCD
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")
+
+
+def central_directory_cap(limits: Limits) -> int:
+    """Bytes of central directory an archive within `limits` needs at most (generous names)."""
+    return min(8 * 1024 * 1024, max(64 * 1024, limits.max_files * 512))
+
+
+def _check_central_directory(fh: IO[bytes], size: int, limits: Limits) -> None:
+    if size < _EOCD.size:
+        return  # zipfile says it is not a zip
+    tail_len = min(size, _EOCD.size + 0xFFFF)
+    fh.seek(size - tail_len)
+    tail = fh.read(tail_len)
+    fh.seek(0)
+    # the record zipfile will use: at the very end (no comment), else the last signature
+    at = tail_len - _EOCD.size if tail[-_EOCD.size:-_EOCD.size + 4] == b"PK\x05\x06" else tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + _EOCD.size > tail_len:
+        return
+    _, _, _, _, entries, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
+    if (entries == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF) and at >= _EOCD64_LOCATOR.size:
+        sig, _, eocd64_at, _ = _EOCD64_LOCATOR.unpack_from(tail, at - _EOCD64_LOCATOR.size)
+        if sig == b"PK\x06\x07" and eocd64_at + _EOCD64.size <= size:
+            fh.seek(eocd64_at)
+            record = fh.read(_EOCD64.size)
+            fh.seek(0)
+            if len(record) == _EOCD64.size and record[:4] == b"PK\x06\x06":
+                entries, cd_size = _EOCD64.unpack(record)[7:9]
+    if entries > limits.max_files:
+        raise UnsafeArchiveError(
+            "too_many_entries", f"archive has {entries} entries, the limit is {limits.max_files}"
+        )
+    cap = central_directory_cap(limits)
+    if cd_size > cap:
+        raise UnsafeArchiveError(
+            "too_many_entries", f"the archive's directory is {cd_size} bytes, the limit is {cap}"
+        )
 
 
 def _file_size(path: Path) -> int:

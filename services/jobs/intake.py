@@ -16,8 +16,10 @@ from typing import Any
 
 from services.dataset import DatasetError, DatasetReport, prepare
 from services.dataset.prepare import rejected_report
+from services.jobs.cleanup import drop_job_files
 from services.jobs.model import Job, JobState
 from services.jobs.store import JobStore
+from services.localfiles import free_gb, private_dir
 from services.quote import Quote, quote
 from services.recipe import FluxRecipe, RecipeError
 from services.settings import Settings
@@ -68,8 +70,11 @@ def quote_doc(q: Quote) -> dict[str, Any]:
     return doc
 
 
-async def _fail(store: JobStore, job: Job, reason: str, kind: str) -> Job:
-    return await store.transition(job.id, JobState.FAILED, reason, failure_kind=kind)
+async def _fail(store: JobStore, job: Job, reason: str, kind: str, work: Path | None = None) -> Job:
+    job = await store.transition(job.id, JobState.FAILED, reason, failure_kind=kind)
+    if work is not None:  # a rejected or unready upload's files (no dataset_dir recorded yet)
+        await drop_job_files(work)
+    return job
 
 
 async def draft(
@@ -104,7 +109,13 @@ async def draft(
         return Draft(job, None, None, None, False, str(exc))
 
     work = Path(settings.work_dir) / job.id
+    free = await asyncio.to_thread(free_gb, Path(settings.work_dir))
+    if free < settings.min_free_disk_gb:  # refuse before taking anything in (review H1)
+        msg = "the bot's disk is nearly full, so no new dataset can be taken in right now; try later"
+        job = await _fail(store, job, f"{msg} ({free:.1f} GB free)", "disk_full")
+        return Draft(job, None, None, None, False, msg)
     try:
+        await asyncio.to_thread(private_dir, Path(settings.work_dir))
         async with _intake_slots(settings.max_concurrent_intakes):
             if callable(source):
                 upload = work / UPLOAD_NAME
@@ -119,11 +130,11 @@ async def draft(
                 prepared = await prepare(source, work, settings, trigger)
     except DatasetError as exc:
         report = rejected_report(exc)
-        job = await _fail(store, job, f"dataset rejected: {exc}", "user")
+        job = await _fail(store, job, f"dataset rejected: {exc}", "user", work)
         return Draft(job, report, None, None, False, str(exc))
     report = prepared.report
     if not report.ready:
-        job = await _fail(store, job, "the dataset is not ready (see the report)", "user")
+        job = await _fail(store, job, "the dataset is not ready (see the report)", "user", work)
         return Draft(job, report, None, None, False, "the dataset is not ready")
     manifest_path = work / "manifest.json"
     await asyncio.to_thread(manifest_path.write_text, prepared.manifest.model_dump_json(indent=2))

@@ -146,6 +146,13 @@ class Job(BaseModel):
     link_expires_at: float | None = None
     artifacts: dict[str, str] = Field(default_factory=dict)
     measured: dict[str, Any] = Field(default_factory=dict)  # real phase durations, for the quote
+    # issue 13 (C4): the LoRA is made safe before its box goes. `lora_stored`: verified in R2;
+    # else `local_lora` is a verified SSH download on this host that the upload retries from
+    # (also after a restart). `failure_announced`: the attempt whose failure was last posted
+    lora_stored: bool = False
+    local_lora: str | None = None
+    local_lora_sha256: str | None = None
+    failure_announced: int = 0
 
     # ownership and control across processes
     owner: str | None = None

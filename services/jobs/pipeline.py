@@ -14,6 +14,8 @@ import asyncio
 import json
 import logging
 import posixpath
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ from services.jobs.events import (
     StateChanged,
 )
 from services.jobs.intake import offer_query
-from services.jobs.model import Job, JobState
+from services.jobs.model import IllegalTransition, Job, JobState, check_transition
 from services.jobs.store import JobStore
 from services.recipe import FluxRecipe, expected_outputs, render_config
 from services.remote.driver import RemoteJob, RemoteStatus
@@ -60,6 +62,18 @@ from services.vastai.errors import InsufficientCredit, VastAuthError
 log = logging.getLogger(__name__)
 
 UPLOADER = Path(__file__).resolve().parent.parent / "remote" / "upload_presigned.py"
+# what this host takes from the untrusted box at most (review M7)
+LORA_MAX_BYTES = 2 * 1024**3
+LOG_MAX_BYTES = 64 * 1024**2
+SAMPLE_MAX_BYTES = 20 * 1024**2
+_SAMPLE_NAME = re.compile(r"(?P<ms>\d{1,20})__(?P<step>\d{9})_(?P<i>\d{1,6})\.(?P<ext>jpg|jpeg|png|webp)", re.I)
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _local_name(remote_path: str) -> str:
+    """A local file name for a box path (box output is untrusted: `..`, control characters)."""
+    name = posixpath.basename(remote_path)
+    return name if _SAFE_NAME.fullmatch(name) and ".." not in name else "artifact.bin"
 S = JobState
 
 
@@ -82,14 +96,21 @@ def job_name(job: Job) -> str:
     return f"lora_{job.id}"
 
 
-def label_for(settings: Settings, job: Job, attempt: int) -> str:
-    return f"{settings.label_prefix}{job.id}" + ("" if attempt <= 1 else f"-{attempt}")
+def install_prefix(settings: Settings, install_id: str) -> str:
+    """What every label this installation rents under starts with (another deployment's do not)."""
+    return f"{settings.label_prefix}{install_id}-"
 
 
-def job_id_from_label(settings: Settings, label: str | None) -> str | None:
-    if not label or not label.startswith(settings.label_prefix):
+def label_for(settings: Settings, job: Job, attempt: int, install_id: str) -> str:
+    return f"{install_prefix(settings, install_id)}{job.id}" + ("" if attempt <= 1 else f"-{attempt}")
+
+
+def job_id_from_label(settings: Settings, label: str | None, install_id: str) -> str | None:
+    """The job id in a label of this installation; None for anyone else's label."""
+    prefix = install_prefix(settings, install_id)
+    if not label or not label.startswith(prefix):
         return None
-    return label[len(settings.label_prefix):].split("-", 1)[0] or None
+    return label[len(prefix):].split("-", 1)[0] or None
 
 
 class Pipeline:
@@ -185,7 +206,7 @@ class Pipeline:
 
     async def _rent(self, job: Job) -> Job:
         if job.state == S.QUEUED:
-            label = label_for(self.s, job, job.attempt)
+            label = label_for(self.s, job, job.attempt, self.d.store.install_id)
             # the label is stored before the create: a crash after it still finds the machine
             job = await self._to(job, S.RENTING, f"renting (attempt {job.attempt})", label=label,
                                  started_at=job.started_at or time.time())
@@ -214,12 +235,17 @@ class Pipeline:
         except VastError as exc:
             raise JobFailure("provider", f"Vast.ai: {exc}") from None
         # the id is stored before anything else can fail: from here on, every exit destroys it
-        job = await self.d.store.update(
-            job.id, instance_id=result.instance_id, offer_id=result.offer_id or job.offer_id,
-            machine_id=result.machine_id, dph_total=result.dph_total or None,
-            gpu_name=result.gpu_name or self.s.gpu_name, rented_at=job.rented_at or time.time(),
-            instance_gone_at=None,
-        )
+        try:
+            job = await self.d.store.update(
+                job.id, instance_id=result.instance_id, offer_id=result.offer_id or job.offer_id,
+                machine_id=result.machine_id, dph_total=result.dph_total or None,
+                gpu_name=result.gpu_name or self.s.gpu_name, rented_at=job.rented_at or time.time(),
+                instance_gone_at=None,
+            )
+        except Exception as exc:  # a full disk: an instance nobody can find again must not bill
+            log.error("job %s: storing instance %s failed (%s); destroying it", job.id, result.instance_id, exc)
+            await self._destroy_id(result.instance_id)
+            raise JobFailure("local_store", f"could not record the rented machine (destroyed it): {exc}") from None
         try:
             inst = await self.d.vast.show_instance(result.instance_id)
         except VastError:
@@ -547,14 +573,18 @@ class Pipeline:
 
     async def _fetch_sample(self, job: Job, ev: prog.SampleWritten) -> None:
         out = expected_outputs(job_name(job), self._paths(job)[2])
-        name = posixpath.basename(ev.path)
+        m = _SAMPLE_NAME.fullmatch(posixpath.basename(ev.path))
+        if m is None:  # the local name is built from the match, never from what the box printed
+            return
+        name = f"{m['ms']}__{m['step']}_{m['i']}.{m['ext'].lower()}"
         if name in self._seen_samples:
             return
         self._seen_samples.add(name)
         remote = f"{out.samples_dir}/{name}"
         local = self._work / "samples" / name
         try:
-            await self._remote_call(job, "download sample", lambda r: r.box.download(remote, local))
+            await self._remote_call(job, "download sample", lambda r: r.box.download(
+                remote, local, max_bytes=SAMPLE_MAX_BYTES))
         except SSHError as exc:
             log.info("sample %s not fetched: %s", remote, exc)
             return
@@ -578,6 +608,19 @@ class Pipeline:
         """Box -> R2 through a presigned PUT (no keys on the box); else SSH download + upload."""
         storage = self.d.storage
         assert storage is not None
+        try:
+            await self._put_from_box(job, path, key)
+            return
+        except (SSHError, StorageError, ValueError, KeyError) as exc:
+            log.warning("direct upload of %s failed (%s); falling back to SSH download", path, exc)
+        local = self._work / "collect" / _local_name(path)
+        await self._remote_call(job, "download", lambda r: r.box.download(path, local, max_bytes=LORA_MAX_BYTES))
+        await storage.upload_file(local, key)
+
+    async def _put_from_box(self, job: Job, path: str, key: str) -> None:
+        """The box uploads `path` itself through a presigned PUT; verified by size and sha256."""
+        storage = self.d.storage
+        assert storage is not None
         root = self._remote_dir(job)
 
         async def direct(remote: RemoteJob) -> None:
@@ -591,53 +634,37 @@ class Pipeline:
             await remote.box.run(argv, timeout=3600)
             await storage.verify(key, size, sha)
 
-        try:
-            await self._remote_call(job, f"upload {posixpath.basename(path)}", direct)
-            return
-        except (SSHError, StorageError, ValueError, KeyError) as exc:
-            log.warning("direct upload of %s failed (%s); falling back to SSH download", path, exc)
-        local = self._work / "collect" / posixpath.basename(path)
-        await self._remote_call(job, "download", lambda r: r.box.download(path, local))
-        await storage.upload_file(local, key)
+        await self._remote_call(job, f"upload {posixpath.basename(path)}", direct)
 
     # --- collect ------------------------------------------------------------------------------
+    # The LoRA is made safe before the box goes (uploaded by the box, or downloaded here over SSH
+    # and verified); then the box is destroyed, and the rest goes to R2 from this host, retried
+    # with backoff for as long as R2 is down, also after a restart (the job records the local copy).
     async def _collect(self, job: Job) -> Job:
         t0 = time.monotonic()
-        await self._emit(job, Readiness("collecting", "storing the LoRA"))
         name = job_name(job)
-        output = self._paths(job)[2]
-        out = expected_outputs(name, output)
+        out = expected_outputs(name, self._paths(job)[2])
         lora_name = (job.name or name).replace(" ", "_")
         keys = job_keys(job.user_id or "anonymous", job.id, lora_name)
         if self.d.storage is None:
             raise JobFailure("config", "R2 is not configured (R2_BUCKET and keys): the LoRA cannot be stored")
         storage = self.d.storage
-        try:
-            await self._upload_from_box(job, out.final_lora, keys.lora)
-            config_text = await asyncio.to_thread(self._config_text, job)
-            await storage.upload_bytes(config_text.encode(), keys.config)
-            log_local = self._work / "collect" / "log.txt"
-            remote = await self._remote_job(job)
-            await self._remote_call(job, "download log", lambda r: r.box.download(remote.log_path, log_local))
-            redacted = self._redact(log_local.read_text(errors="replace"))
-            await storage.upload_bytes(redacted.encode(), keys.log)
-            samples = sorted((self._work / "samples").glob("*")) if (self._work / "samples").exists() else []
-            links: dict[str, str] = {}
-            for sample in samples[-12:]:
-                await storage.upload_file(sample, keys.sample(sample.name))
-            assert job.dataset_dir is not None
-            manifest_path = Path(job.dataset_dir).parent / "manifest.json"
-            await storage.upload_file(manifest_path, keys.manifest)
-            link = await storage.link(keys.lora, expires_s=self.s.link_expiry_s)
-            links["lora"] = link.url
-        except (StorageError, SSHError, OSError) as exc:
-            raise InfraFailure("collect", f"could not store the results: {exc}") from None
+        if not (job.lora_stored or job.local_lora):
+            if job.instance_gone_at is not None:
+                raise JobFailure("collect", "the machine was gone before the LoRA could be saved")
+            await self._emit(job, Readiness("collecting", "storing the LoRA"))
+            job = await self._secure_lora(job, out.final_lora, keys.lora)
+        if job.instance_gone_at is None:
+            await self._fetch_log(job)
+            job = await self._destroy(job)  # the LoRA is safe: stop paying for the machine now
+        link, links, job = await self._store_results(job, keys)
         expires = link.expires_at.timestamp() if link.expires_at else None
         measured = dict(job.measured, collect_s=round(time.monotonic() - t0, 3), stored_at=time.time())
         job = await self.d.store.update(job.id, lora_key=keys.lora, lora_url=link.url, link_expires_at=expires,
                                         artifacts={**job.artifacts, "lora": keys.lora, "log": keys.log,
-                                                   "config": keys.config}, measured=measured)
-        job = await self._destroy(job)
+                                                   "config": keys.config}, measured=measured,
+                                        local_lora=None, local_lora_sha256=None)
+        await asyncio.to_thread(shutil.rmtree, self._work / "collect", True)
         summary = {
             "job_id": job.id, "name": job.name, "trigger_word": job.trigger_word, "steps": job.total_steps,
             "final_loss": job.loss, "cost_usd": job.cost_so_far(), "gpu": job.gpu_name, "dph_total": job.dph_total,
@@ -653,6 +680,79 @@ class Pipeline:
                                        list(self._loss_curve), links))
         return job
 
+    async def _secure_lora(self, job: Job, path: str, key: str) -> Job:
+        """Put the LoRA out of the box's reach: in R2 (the box uploads it), else here (verified)."""
+        try:
+            await self._put_from_box(job, path, key)
+            return await self.d.store.update(job.id, lora_stored=True)
+        except InfraFailure as exc:  # the box is gone or out of reach for good: no download either
+            raise JobFailure("collect", f"the LoRA could not be saved from the machine: {exc}") from None
+        except (SSHError, StorageError, ValueError, KeyError) as exc:
+            log.warning("job %s: the box could not upload the LoRA (%s); downloading it here", job.id, exc)
+        local = self._work / "collect" / "lora.safetensors"
+        try:
+            sha = await self._remote_call(job, "hash the LoRA", lambda r: r.box.sha256(path))
+            await self._remote_call(job, "download the LoRA",
+                                    lambda r: r.box.download(path, local, sha256=sha, max_bytes=LORA_MAX_BYTES))
+        except (SSHError, OSError, InfraFailure) as exc:
+            # never a retry elsewhere (the result is on this box); an unreachable box is given up
+            raise JobFailure("collect", f"the LoRA could not be saved from the machine: {exc}") from None
+        return await self.d.store.update(job.id, local_lora=str(local), local_lora_sha256=sha)
+
+    async def _fetch_log(self, job: Job) -> None:
+        """The trainer's log, kept here before the box goes (best effort: the LoRA matters)."""
+        log_local = self._work / "collect" / "log.txt"
+        try:
+            remote = await self._remote_job(job)
+            await self._remote_call(job, "download log", lambda r: r.box.download(
+                remote.log_path, log_local, max_bytes=LOG_MAX_BYTES))
+        except (SSHError, OSError, JobFailure) as exc:
+            log.warning("job %s: the training log was not fetched: %s", job.id, exc)
+
+    async def _store_results(self, job: Job, keys: Any) -> tuple[Any, dict[str, str], Job]:
+        """Upload what is kept here to R2, retried with backoff until it is taken."""
+        delay = self.s.collect_retry_min_s
+        told = False
+        while True:
+            try:
+                return await self._upload_results(job, keys)
+            except (StorageError, OSError) as exc:
+                log.warning("job %s: storing the results failed (%s); retrying in %.0f s", job.id, exc, delay)
+                if not told:
+                    told = True
+                    await self._emit(job, Readiness(
+                        "collecting", "storage is unreachable; the LoRA is kept safe and the upload is retried"))
+            await self._check_cancel()
+            await self._sleep(delay)
+            delay = min(delay * 2, self.s.collect_retry_max_s)
+            job = await self.d.store.require(job.id)
+
+    async def _upload_results(self, job: Job, keys: Any) -> tuple[Any, dict[str, str], Job]:
+        storage = self.d.storage
+        assert storage is not None
+        if not job.lora_stored:
+            if not job.local_lora or not await asyncio.to_thread(Path(job.local_lora).is_file):
+                # not worth retrying: R2 coming back would not bring it back
+                raise JobFailure("collect", f"the kept copy of the LoRA is gone: {job.local_lora}")
+            await storage.upload_file(Path(job.local_lora), keys.lora, sha256=job.local_lora_sha256)
+            job = await self.d.store.update(job.id, lora_stored=True)
+        config_text = await asyncio.to_thread(self._config_text, job)
+        await storage.upload_bytes(config_text.encode(), keys.config)
+        log_local = self._work / "collect" / "log.txt"
+        if log_local.exists():
+            redacted = self._redact(await asyncio.to_thread(log_local.read_text, errors="replace"))
+            await storage.upload_bytes(redacted.encode(), keys.log)
+        samples = sorted((self._work / "samples").glob("*")) if (self._work / "samples").exists() else []
+        for sample in samples[-12:]:
+            if sample.is_file():
+                await storage.upload_file(sample, keys.sample(sample.name))
+        if job.dataset_dir:
+            manifest_path = Path(job.dataset_dir).parent / "manifest.json"
+            if manifest_path.exists():
+                await storage.upload_file(manifest_path, keys.manifest)
+        link = await storage.link(keys.lora, expires_s=self.s.link_expiry_s)
+        return link, {"lora": link.url}, job
+
     # --- endings ------------------------------------------------------------------------------
     async def _destroy(self, job: Job) -> Job:
         """Destroy the rented machine (verified) and settle its cost; retried, never skipped."""
@@ -662,34 +762,43 @@ class Pipeline:
                 found = await self.d.vast.find_by_label(job.label)
             except VastError as exc:
                 raise JobFailure("destroy", f"cannot check label {job.label} for a rental: {exc}") from None
+            # destroy every rental under the label before any store write: with the disk full the
+            # write fails, and the machines must be gone by then (review H1)
+            for inst in found:
+                await self._destroy_id(inst.id)
             if found:
-                job = await self.d.store.update(job.id, instance_id=found[0].id,
-                                                rented_at=job.rented_at or found[0].start_date or time.time(),
-                                                dph_total=job.dph_total or found[0].dph_total or None)
-                for extra in found[1:]:
-                    await self.d.vast.destroy_instance(extra.id)
+                now = time.time()
+                first = found[0]
+                rented = job.rented_at or first.start_date or now
+                job = job.model_copy(update={"instance_id": first.id, "rented_at": rented,
+                                             "dph_total": job.dph_total or first.dph_total or None})
+                return await self.d.store.update(
+                    job.id, instance_id=first.id, instance_gone_at=now, cost_usd=job.cost_so_far(now),
+                    billed_s=job.rental_seconds(now), rented_at=None, dph_total=job.dph_total)
         if job.instance_id is None or job.instance_gone_at is not None:
             return job
-        last: Exception | None = None
-        for attempt in range(5):
-            try:
-                await self.d.vast.destroy_instance(job.instance_id)
-                break
-            except VastError as exc:
-                last = exc
-                await asyncio.sleep(min(2**attempt, 10))
-        else:
-            raise JobFailure("destroy", f"instance {job.instance_id} could not be destroyed: {last}")
+        await self._destroy_id(job.instance_id)
         now = time.time()
         cost = job.cost_so_far(now)
         billed = job.rental_seconds(now)
         return await self.d.store.update(job.id, instance_gone_at=now, cost_usd=cost, billed_s=billed,
                                          rented_at=None)
 
+    async def _destroy_id(self, instance_id: int) -> None:
+        last: Exception | None = None
+        for attempt in range(5):
+            try:
+                await self.d.vast.destroy_instance(instance_id)
+                return
+            except VastError as exc:
+                last = exc
+                await asyncio.sleep(min(2**attempt, 10))
+        raise JobFailure("destroy", f"instance {instance_id} could not be destroyed: {last}")
+
     async def _safe_destroy(self, job: Job) -> tuple[Job, str]:
         try:
             return await self._destroy(job), ""
-        except (JobFailure, VastError) as exc:
+        except Exception as exc:  # a full disk (store write) or the API: the reaper's sweep retries
             log.error("job %s: %s", job.id, exc)
             return job, f"; WARNING: instance {job.instance_id} not destroyed yet, the reaper will retry"
 
@@ -739,26 +848,35 @@ class Pipeline:
             return await self._retry(job, exc)
         job, warn = await self._safe_destroy(job)
         reason = exc.message + warn
-        job = await self._to(job, S.FAILED, reason, failure_kind=exc.kind, cost_usd=job.cost_so_far())
+        job = await self._to(job, S.FAILED, reason, failure_kind=exc.kind, cost_usd=job.cost_so_far(),
+                             failure_announced=job.attempt)
         await self._emit(job, Failed(reason, exc.kind, exc.last_lines, job.cost_so_far()))
         return job
 
     async def _retry(self, job: Job, exc: JobFailure) -> Job:
-        """One more try on another machine; never when the failed one could not be destroyed."""
+        """One more try on another machine; never when the failed one could not be destroyed, and
+        never from a state the state machine does not let go back to renting (collecting: the
+        result is on that machine)."""
+        dst = S.QUEUED if job.state == S.RENTING else S.RENTING
+        try:
+            check_transition(job.id, job.state, dst)  # before anything is destroyed (review C4)
+        except IllegalTransition:
+            return await self._failed(JobFailure(exc.kind, exc.message, last_lines=exc.last_lines))
         await self._close_box()
         try:
             job = await self._destroy(job)
         except JobFailure as destroy_error:
             return await self._failed(JobFailure(exc.kind, f"{exc.message}; {destroy_error}"))
-        await self._emit(job, Failed(exc.message, exc.kind, exc.last_lines, job.cost_so_far(), retrying=True))
+        if job.failure_announced < job.attempt:  # one post per failed attempt, whatever restarts
+            job = await self.d.store.update(job.id, failure_announced=job.attempt)
+            await self._emit(job, Failed(exc.message, exc.kind, exc.last_lines, job.cost_so_far(), retrying=True))
         excluded = [*job.excluded_machines, *([job.machine_id] if job.machine_id else [])]
-        dst = S.QUEUED if job.state == S.RENTING else S.RENTING
         attempt = job.attempt + 1
         job = await self._to(
             job, dst, f"retrying on another machine after: {exc.message}", attempt=attempt,
             excluded_machines=excluded, instance_id=None, machine_id=None, offer_id=None, ssh_host=None,
             ssh_port=None, host_key=None, instance_gone_at=None, rented_at=None, log_offset=0, step=0,
-            label=label_for(self.s, job, attempt),
+            label=label_for(self.s, job, attempt, self.d.store.install_id),
         )
         self._parser = None
         return await self.run()

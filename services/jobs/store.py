@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Any
 import aiosqlite
 
 from services.jobs import budget
+from services.jobs.cleanup import drop_dataset_of
 from services.jobs.errors import JobRefused
 from services.jobs.model import TERMINAL, Job, JobEventRow, JobState, check_transition
 
@@ -60,6 +64,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_user ON jobs(user_id, created_at);
     CREATE UNIQUE INDEX jobs_label ON jobs(label) WHERE label IS NOT NULL;
     """,
+    # v3 (issue 13, H5): this installation's id (in every label it rents under), and the reaper's
+    # first sightings of instances labelled for this installation but unknown to this store
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE reaper_sightings (instance_id INTEGER PRIMARY KEY, label TEXT NOT NULL, first_seen REAL NOT NULL);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 # columns mirrored out of the JSON document (the document stays the source of truth)
@@ -68,10 +78,23 @@ _MIRRORED = ["state", "user_id", "label", "instance_id", "created_at", "updated_
 
 
 S_QUEUED = JobState.QUEUED.value
+log = logging.getLogger(__name__)
 
 
 class JobNotFound(KeyError):
     pass
+
+
+def _touch_private(path: Path) -> None:
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+
+
+def _owner_only(path: Path) -> None:
+    """The store holds presigned links, host keys and user ids: 0600, in a 0700 folder (review L5)."""
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(p, 0o600)
 
 
 class JobStore:
@@ -80,10 +103,14 @@ class JobStore:
         self._db: aiosqlite.Connection | None = None
         # one connection is shared by the process's tasks: transactions must not interleave
         self._tx_lock = asyncio.Lock()
+        self._install_id: str | None = None
 
     async def open(self) -> JobStore:
         if str(self.path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.parent.exists():
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # created 0600 from the start: SQLite creates the file (and -wal, -shm) with the umask
+            await asyncio.to_thread(_touch_private, self.path)
         self._db = await aiosqlite.connect(self.path, timeout=30, isolation_level=None)
         self._db.row_factory = aiosqlite.Row
         await self._db.execute("PRAGMA journal_mode=WAL")
@@ -92,9 +119,12 @@ class JobStore:
         await self._db.execute("PRAGMA busy_timeout=30000")
         try:
             await self._migrate()
+            self._install_id = await self._load_install_id()
         except BaseException:
             await self.close()
             raise
+        if str(self.path) != ":memory:":
+            await asyncio.to_thread(_owner_only, self.path)
         return self
 
     async def close(self) -> None:
@@ -142,6 +172,66 @@ class JobStore:
                     if statement.strip():
                         await self.db.execute(statement)
                 await self.db.execute(f"PRAGMA user_version = {n + 1}")
+
+    async def _load_install_id(self) -> str:
+        """Made once, on the first open of this store; labels carry it (`lorabot-<install>-<job>`)."""
+        async with self._transaction():
+            await self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('install_id', ?)",
+                                  (secrets.token_hex(3),))
+            async with self.db.execute("SELECT value FROM meta WHERE key = 'install_id'") as cur:
+                row = await cur.fetchone()
+        assert row is not None
+        return str(row[0])
+
+    @property
+    def install_id(self) -> str:
+        if self._install_id is None:
+            raise RuntimeError("the job store is not open")
+        return self._install_id
+
+    async def sighting(self, instance_id: int, label: str, now: float) -> tuple[float, bool]:
+        """When the reaper first saw this unknown instance, and whether that is now (first sighting)."""
+        async with self._transaction():
+            async with self.db.execute(
+                "SELECT first_seen FROM reaper_sightings WHERE instance_id = ? AND label = ?", (instance_id, label)
+            ) as cur:
+                row = await cur.fetchone()
+            if row is not None:
+                return float(row[0]), False
+            await self.db.execute("INSERT OR REPLACE INTO reaper_sightings (instance_id, label, first_seen) "
+                                  "VALUES (?, ?, ?)", (instance_id, label, now))
+        return now, True
+
+    async def forget_sightings(self, keep: Iterable[int]) -> None:
+        """Drop sightings of instances no longer listed (or now known)."""
+        kept = list(keep)
+        async with self._transaction():
+            marks = ", ".join("?" for _ in kept)
+            where = f" WHERE instance_id NOT IN ({marks})" if kept else ""
+            await self.db.execute(f"DELETE FROM reaper_sightings{where}", kept)  # noqa: S608
+
+    async def unconfirmed_gone(self) -> list[Job]:
+        """Terminal jobs whose instance was never confirmed destroyed (the reaper's store sweep)."""
+        wanted = [s.value for s in TERMINAL]
+        sql = (f"SELECT id, doc FROM jobs WHERE instance_id IS NOT NULL "  # noqa: S608
+               f"AND state IN ({', '.join('?' for _ in wanted)})")
+        out = []
+        for job in await self._rows(sql, wanted):
+            if job.instance_gone_at is None:
+                out.append(job)
+        return out
+
+    async def _rows(self, sql: str, args: list[Any]) -> list[Job]:
+        """Jobs of a query; a row that no longer decodes is logged and skipped (review L3)."""
+        async with self.db.execute(sql, args) as cur:
+            rows = await cur.fetchall()
+        jobs = []
+        for r in rows:
+            try:
+                jobs.append(self._row_to_job(r))
+            except ValueError as exc:
+                log.error("job store: skipping row %s, it does not decode: %s", r["id"], exc)
+        return jobs
 
     # --- rows <-> jobs ------------------------------------------------------------------------
     @staticmethod
@@ -194,7 +284,10 @@ class JobStore:
     async def transition(self, job_id: str, dst: JobState, reason: str = "", **fields: Any) -> Job:
         """Move a job to `dst`, checked, with its reason and fields, in one transaction."""
         async with self._transaction():
-            return await self._transition_in_tx(await self._load(job_id), dst, reason, fields)
+            updated = await self._transition_in_tx(await self._load(job_id), dst, reason, fields)
+        if dst.terminal:  # every way a job ends passes here: its photos go (review H1)
+            await drop_dataset_of(updated.dataset_dir)
+        return updated
 
     async def _transition_in_tx(self, job: Job, dst: JobState, reason: str, fields: dict[str, Any]) -> Job:
         now = time.time()
@@ -234,7 +327,7 @@ class JobStore:
     async def find(
         self, *, user_id: str | None = None, states: Iterable[JobState] | None = None, limit: int = 100
     ) -> list[Job]:
-        sql = "SELECT doc FROM jobs WHERE 1=1"
+        sql = "SELECT id, doc FROM jobs WHERE 1=1"
         args: list[Any] = []
         if user_id is not None:
             sql += " AND user_id = ?"
@@ -245,9 +338,7 @@ class JobStore:
             args.extend(wanted)
         sql += " ORDER BY created_at DESC LIMIT ?"
         args.append(limit)
-        async with self.db.execute(sql, args) as cur:
-            rows = await cur.fetchall()
-        return [self._row_to_job(r) for r in rows]
+        return await self._rows(sql, args)
 
     async def live(self) -> list[Job]:
         """Jobs not in a terminal state."""

@@ -19,6 +19,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.jobs import budget
 from services.jobs.budget import day_start
@@ -27,6 +28,7 @@ from services.jobs.events import Cancelled, Failed, Notifier, Queued
 from services.jobs.model import Job, JobState
 from services.jobs.pipeline import Deps, Pipeline, job_id_from_label
 from services.jobs.store import JobStore
+from services.localfiles import private_dir, warn_on_exposed_key
 from services.settings import Settings
 from services.storage import Storage
 from services.vastai import Instance, VastClient, VastError
@@ -83,6 +85,8 @@ class Worker:
     async def start(self, *, recover: bool = True) -> None:
         if self._started:
             return
+        await asyncio.to_thread(private_dir, Path(self.settings.work_dir))  # 0700 (review L5)
+        warn_on_exposed_key(self.settings.ssh_key_path)
         self.vast = self._vast_factory()
         if self._storage is None and self.settings.r2_bucket:
             self._storage = Storage.from_settings(self.settings)
@@ -354,7 +358,8 @@ class Worker:
 
     # --- reaper -------------------------------------------------------------------------------
     async def reconcile(self, destroy: bool) -> list[Instance]:
-        """Instances with our label prefix that no live job owns; destroyed when `destroy`."""
+        """This installation's instances that no live job owns; destroyed when `destroy`, together
+        with every terminal job's instance never confirmed gone (the store sweep)."""
         vast = self.vast or self._vast_factory()
         try:
             orphans = await find_orphans(self.store, self.settings, vast)
@@ -362,6 +367,7 @@ class Worker:
                 for inst in orphans:
                     log.warning("reaper: destroying orphan instance %s (%s)", inst.id, inst.label)
                     await vast.destroy_instance(inst.id)
+                await sweep_store(self.store, vast)
             return orphans
         finally:
             if vast is not self.vast:
@@ -378,21 +384,59 @@ class Worker:
             await asyncio.sleep(self.settings.reaper_interval_s)
 
 
-async def find_orphans(store: JobStore, settings: Settings, vast: VastClient) -> list[Instance]:
-    """An instance is ours when its label has our prefix; an orphan when no live job claims it."""
+async def find_orphans(
+    store: JobStore, settings: Settings, vast: VastClient, *, now: float | None = None
+) -> list[Instance]:
+    """Instances of this installation that no live job owns (review H5).
+
+    Ours: the label is a job's label in this store, or carries this store's installation id. Another
+    deployment's boxes and hand-rented `lorabot-*` boxes are neither, and are never touched. An
+    instance labelled for this installation whose job this store does not know (a rent whose job row
+    was lost) is an orphan only when seen again `reaper_unknown_grace_s` after its first sighting.
+    """
+    now = now or time.time()
     orphans = []
+    listed: list[int] = []
     for inst in await vast.list_instances():
-        job_id = job_id_from_label(settings, inst.label)
-        if job_id is None:
-            continue  # not lorabot's: never touched
-        job = await store.get(job_id)
+        listed.append(inst.id)
+        try:
+            job = await store.by_label(inst.label) if inst.label else None
+            job_id = job_id_from_label(settings, inst.label, store.install_id)
+            if job is None and job_id is not None:
+                job = await store.get(job_id)
+        except Exception as exc:  # one bad row never stops the reaper (review L3)
+            log.error("reaper: skipping instance %s (%s): its job does not load: %s", inst.id, inst.label, exc)
+            continue
+        if job is None:
+            if job_id is None:
+                continue  # not this installation's: never touched
+            first, new = await store.sighting(inst.id, inst.label or "", now)
+            if not new and now - first >= settings.reaper_unknown_grace_s:
+                orphans.append(inst)
+            continue
         owned = (
-            job is not None
-            and not job.state.terminal
+            not job.state.terminal
             and job.state.holds_instance
             and job.label == inst.label
             and job.instance_id in (None, inst.id)
         )
         if not owned:
             orphans.append(inst)
+    await store.forget_sightings(listed)
     return orphans
+
+
+async def sweep_store(store: JobStore, vast: VastClient) -> list[int]:
+    """Destroy, by id, the instance of every terminal job whose destroy was never confirmed."""
+    destroyed = []
+    for job in await store.unconfirmed_gone():
+        assert job.instance_id is not None
+        try:
+            await vast.destroy_instance(job.instance_id)
+        except VastError as exc:
+            log.error("reaper: instance %s of job %s still not destroyed: %s", job.instance_id, job.id, exc)
+            continue
+        log.warning("reaper: destroyed instance %s of finished job %s", job.instance_id, job.id)
+        await store.update(job.id, instance_gone_at=time.time())
+        destroyed.append(job.instance_id)
+    return destroyed

@@ -288,7 +288,7 @@ def test_launch_ssh_with_the_pinned_key_then_cancel(world: SimWorld) -> None:
     assert doc["state"] == "prepared" and len(world.vast.live_instances()) == 1
     argv = doc["ssh_argv"]
     assert argv[0] == "ssh" and "StrictHostKeyChecking=yes" in argv
-    assert f"UserKnownHostsFile={doc['known_hosts']}" in argv and doc["ssh_command"].startswith("ssh -i ")
+    assert f"UserKnownHostsFile={doc['known_hosts']}" in argv and doc["ssh_command"].startswith("ssh -F /dev/null ")
     assert Path(doc["known_hosts"]).read_text().split()[1:] == world.sshd.info.host_key_pub.split()[:2]
     # nothing trains on a prepared box: the dataset, config and supervisor wait for the operator
     assert not (world.box.remote_root / "jobs" / job_id / "log.txt").exists()

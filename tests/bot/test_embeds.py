@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import discord
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -128,5 +129,9 @@ def test_shrink_image_fits_the_limit() -> None:
     img.save(buf, "PNG")
     data, ext = embeds.shrink_image(buf.getvalue(), limit=60_000)
     assert len(data) <= 60_000 and ext == ".jpg"
-    same, ext2 = embeds.shrink_image(b"small", limit=100)
-    assert same == b"small" and ext2 == ""
+    tiny = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(tiny, "PNG")
+    same, ext2 = embeds.shrink_image(tiny.getvalue(), limit=10_000)
+    assert same == tiny.getvalue() and ext2 == ""
+    with pytest.raises(OSError):  # not an image: box output is never passed on unchecked
+        embeds.shrink_image(b"small", limit=100)
