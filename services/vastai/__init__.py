@@ -7,6 +7,7 @@ from services.vastai.errors import (
     OfferUnavailable,
     RateLimited,
     RentAmbiguous,
+    SearchQuotaExceeded,
     VastAuthError,
     VastError,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "RateLimited",
     "RentAmbiguous",
     "RentResult",
+    "SearchQuotaExceeded",
     "SshEndpoint",
     "VastAuthError",
     "VastClient",

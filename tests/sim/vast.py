@@ -204,6 +204,7 @@ class VastEmulator:
         self.credit = credit
         self.account_keys: list[dict[str, Any]] = []
         self.requests: list[dict[str, Any]] = []  # method, path, query, authorized
+        self.creates: list[dict[str, Any]] = []  # every create body, with its offer_id
         self.url = ""
         self._instances: dict[int, _Inst] = {}
         self._ids = itertools.count(7_000_001)
@@ -503,6 +504,8 @@ class VastEmulator:
     async def _create_handler(self, request: web.Request) -> web.Response:
         offer_id = int(request.match_info["id"])
         body = await request.json()
+        with self._lock:
+            self.creates.append({"offer_id": offer_id, **body})
         label = str(body.get("label") or "")
         if not body.get("image") or not label or len(label) > 256:
             return self._error(400, "invalid_args", "image and a label of at most 256 chars are required")
