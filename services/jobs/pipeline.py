@@ -53,8 +53,9 @@ from services.ssh import (
     wait_ready,
 )
 from services.storage import Storage, StorageError, job_keys
-from services.vastai import InstanceStatus, NoOffers, VastClient, VastError, rent
-from services.vastai.errors import InsufficientCredit, VastAuthError
+from services.vastai import Instance, InstanceStatus, NoOffers, VastClient, VastError, rent
+from services.vastai.errors import InsufficientCredit, SearchQuotaExceeded, VastAuthError
+from services.vastai.guard import schedule_rechecks
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class Pipeline:
         self._seen_samples: set[str] = set()
         self._last_download_note = 0.0
         self._work = Path(self.s.work_dir) / job_id
+        self._unknown_since: dict[int, float] = {}  # instance id -> first `unknown` seen in a row
 
     # --- plumbing -----------------------------------------------------------------------------
     async def _emit(self, job: Job, event: JobEvent) -> None:
@@ -203,11 +205,18 @@ class Pipeline:
                 raise InsufficientCredit(f"Vast.ai credit ${credit:.2f} is below the ${need:.2f} this job may cost")
             await self.d.vast.ensure_ssh_key(pub)
             result = await rent(self.d.vast, label=job.label, image=self.s.image, disk_gb=self.s.disk_gb,
-                                offers=offers, attempts=self.s.rent_attempts)
+                                offers=offers, attempts=self.s.rent_attempts,
+                                label_watch_s=self.s.vastai_label_watch_s)
         except (NoOffers, InsufficientCredit, VastAuthError) as exc:
+            if isinstance(exc, NoOffers) and exc.ambiguous:
+                self._guard_label(job.label, None)  # an unanswered create may still rent: look again
             raise JobFailure("no_offers" if isinstance(exc, NoOffers) else "account", str(exc)) from None
+        except SearchQuotaExceeded as exc:
+            raise JobFailure("provider", str(exc)) from None
         except VastError as exc:
             raise JobFailure("provider", f"Vast.ai: {exc}") from None
+        if result.ambiguous:
+            self._guard_label(job.label, result.instance_id)
         # the id is stored before anything else can fail: from here on, every exit destroys it
         job = await self.d.store.update(
             job.id, instance_id=result.instance_id, offer_id=result.offer_id or job.offer_id,
@@ -228,7 +237,10 @@ class Pipeline:
         try:
             await self.d.vast.attach_ssh_key(result.instance_id, pub)
         except VastError as exc:
-            log.warning("could not attach the SSH key to %s: %s", result.instance_id, exc)
+            # without our key the box can never be reached: fail now (the instance is destroyed and
+            # the job retried elsewhere) instead of waiting out the readiness timeout
+            raise InfraFailure("ssh_key", f"could not put lorabot's SSH key on instance {result.instance_id}: "
+                               f"{exc}") from None
         where = f" in {result.geolocation}" if result.geolocation else ""
         job = await self._to(job, S.WAITING_READY, f"rented instance {result.instance_id} at ${job.dph_total}/h")
         await self._emit(job, Readiness("rented", f"{job.gpu_name}{where} at ${job.dph_total:.3f}/h"))
@@ -241,11 +253,15 @@ class Pipeline:
 
         async def api_poll() -> list[Endpoint] | None:
             await self._check_cancel()
-            inst = await self.d.vast.show_instance(instance_id)
-            if inst is None:
-                raise InfraFailure("instance_gone", f"instance {instance_id} disappeared while starting")
-            if inst.status.failed:
-                raise InfraFailure("instance_failed", f"instance {instance_id} is {inst.status}: {inst.status_msg}")
+            try:
+                inst = await self.d.vast.show_instance(instance_id)
+            except VastAuthError:
+                raise
+            except VastError as exc:
+                log.warning("job %s: instance %s status unknown for now: %s", job.id, instance_id, exc)
+                return None  # an API hiccup says nothing about the box; the readiness deadline bounds it
+            self._judge(inst, instance_id, " while starting")
+            assert inst is not None
             if inst.status == InstanceStatus.RUNNING and inst.endpoints():
                 return [Endpoint(e.host, e.port, self.s.ssh_user, e.kind) for e in inst.endpoints()]
             return None
@@ -310,17 +326,38 @@ class Pipeline:
                 log.debug("closing the SSH connection failed", exc_info=True)
             self._box, self._remote = None, None
 
-    async def _ensure_instance_alive(self, job: Job) -> None:
+    def _guard_label(self, label: str, keep: int | None) -> None:
+        """After an unanswered create: look at the label again later and destroy a late second rental."""
+        if self.s.vastai_label_rechecks_s:
+            schedule_rechecks(self.d.vast, label, lambda: keep, self.s.vastai_label_rechecks_s)
+
+    def _judge(self, inst: Instance | None, instance_id: int, when: str = "", *, ssh_ok: bool = False) -> None:
+        """Raise when the instance will never be usable: gone, exited, offline, stopped, an error in
+        status_msg, or `unknown` for longer than the grace (Vast: "it will never reach running")."""
+        if inst is None or inst.status == InstanceStatus.GONE:
+            raise InfraFailure("instance_gone", f"instance {instance_id} disappeared{when}")
+        if inst.status == InstanceStatus.UNKNOWN and not ssh_ok:
+            now = time.monotonic()
+            since = self._unknown_since.setdefault(instance_id, now)
+            if now - since >= self.s.vastai_unknown_grace_s:
+                raise InfraFailure("instance_failed", f"instance {instance_id} has been in state 'unknown' for "
+                                   f"{now - since:.0f}s{when}: it will never run")
+            return
+        self._unknown_since.pop(instance_id, None)
+        if inst.status.failed:
+            what = inst.raw_status or inst.status.value
+            msg = f": {inst.status_msg}" if inst.status_msg else ""
+            raise InfraFailure("instance_failed", f"instance {instance_id} is {what}{when}{msg}")
+
+    async def _ensure_instance_alive(self, job: Job, *, ssh_ok: bool = False) -> None:
         if job.instance_id is None:
             return
         try:
             inst = await self.d.vast.show_instance(job.instance_id)
         except VastError:
             return  # the API being down says nothing about the box
-        if inst is None:
-            raise InfraFailure("instance_gone", f"instance {job.instance_id} disappeared")
-        if inst.status.failed:
-            raise InfraFailure("instance_failed", f"instance {job.instance_id} is {inst.status}")
+        # a host that stopped reporting while SSH and the trainer still work is left to finish
+        self._judge(inst, job.instance_id, ssh_ok=ssh_ok)
 
     async def _remote_call(self, job: Job, what: str, fn: Any) -> Any:
         """Run `fn(remote)`, reconnecting through drops until the SSH-lost deadline."""
@@ -464,7 +501,7 @@ class Pipeline:
                 await self._emit(job, LogSnippet(self._redact("\n".join(self._parser.tail()[-15:]))))
             if now - last_api_check > self.s.instance_check_s:
                 last_api_check = now
-                await self._ensure_instance_alive(job)
+                await self._ensure_instance_alive(job, ssh_ok=True)
                 await self._emit(job, CostUpdate(job.cost_so_far(), job.dph_total or 0.0))
             await self._limits(job, started, now - last_output)
             await self._sleep(self.s.monitor_interval_s)
@@ -650,18 +687,27 @@ class Pipeline:
 
     # --- endings ------------------------------------------------------------------------------
     async def _destroy(self, job: Job) -> Job:
-        """Destroy the rented machine (verified) and settle its cost; retried, never skipped."""
-        if job.instance_id is None and job.label and job.state == S.RENTING:
-            # a create whose answer was lost may still have rented under our label
+        """Destroy the rented machine (verified) and settle its cost; retried, never skipped.
+
+        Every instance under the job's label goes, not only the one whose id the job holds: a create
+        whose answer was lost may have rented a second one."""
+        if job.label:
             try:
                 found = await self.d.vast.find_by_label(job.label)
             except VastError as exc:
-                raise JobFailure("destroy", f"cannot check label {job.label} for a rental: {exc}") from None
-            if found:
-                job = await self.d.store.update(job.id, instance_id=found[0].id,
+                if job.instance_id is None:
+                    raise JobFailure("destroy", f"cannot check label {job.label} for a rental: {exc}") from None
+                log.warning("job %s: label %s not listed (%s); destroying the known instance and "
+                            "looking at the label again later", job.id, job.label, exc)
+                self._guard_label(job.label, None)
+                found = []
+            if found and job.instance_id is None:
+                job = await self.d.store.update(job.id, instance_id=found[0].id, instance_gone_at=None,
                                                 rented_at=job.rented_at or found[0].start_date or time.time(),
                                                 dph_total=job.dph_total or found[0].dph_total or None)
-                for extra in found[1:]:
+            for extra in found:
+                if extra.id != job.instance_id:
+                    log.warning("job %s: destroying second instance %s under label %s", job.id, extra.id, job.label)
                     await self.d.vast.destroy_instance(extra.id)
         if job.instance_id is None or job.instance_gone_at is not None:
             return job

@@ -56,6 +56,7 @@ class Quirks:
     lost_creates: int = 0  # the next N creates rent, but the connection drops before the answer
     list_lag_s: float = 0.0  # a new instance shows in the v1 list only this long after its create
     list_deleted_keys: bool = True  # soft-deleted SSH keys stay listed with deleted_at set
+    attach_fails: bool = False  # POST /instances/{id}/ssh/ answers 200 success:false (e.g. a team key)
 
     @classmethod
     def all_on(cls) -> Quirks:
@@ -635,7 +636,7 @@ class VastEmulator:
             inst = self._get(request)
             if inst is None:
                 return self._error(404, "no_such_instance", "Instance not found")
-            if self.quirks.success_false:
+            if self.quirks.success_false or self.quirks.attach_fails:
                 return self._json({"success": False, "error": "server_error", "msg": "could not attach the key"})
             inst.ssh_keys.append(str(body.get("ssh_key")))
         return self._json({"success": True, "msg": "SSH key added to instance.", "key": json.dumps({"id": 1})})
