@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from services import progress as prog
+from services.jobcost import bandwidth_usd, plan_for_job
 from services.jobs.errors import InfraFailure, JobCancelled, JobFailure
 from services.jobs.events import (
     Cancelled,
@@ -56,6 +57,7 @@ from services.storage import Storage, StorageError, job_keys
 from services.vastai import Instance, InstanceStatus, NoOffers, VastClient, VastError, rent
 from services.vastai.errors import InsufficientCredit, SearchQuotaExceeded, VastAuthError
 from services.vastai.guard import schedule_rechecks
+from services.vastai.search import JobPlan
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +196,15 @@ class Pipeline:
         await self._emit(job, Readiness("renting", f"looking for a {self.s.gpu_name}"))
         pub = self._public_key()
         query = offer_query(self.s, job.max_price, job.excluded_machines)
+        plan = plan_for_job(job.recipe, self.s, job.dataset_bytes) or JobPlan()
         try:
-            offers = await self.d.vast.search_offers(query)
+            offers = await self.d.vast.search_offers(query, plan)
             if not offers:
                 raise NoOffers("no offer under the price cap right now")
             hours = float(job.quote.get("hours_high") or 1.0)
-            need = offers[0].dph_total * hours * self.s.credit_margin
+            best = offers[0]
+            need = (best.dph_total * hours
+                    + bandwidth_usd(plan, best.inet_down_cost, best.inet_up_cost)) * self.s.credit_margin
             credit = (await self.d.vast.balance()).credit
             if credit < need:
                 raise InsufficientCredit(f"Vast.ai credit ${credit:.2f} is below the ${need:.2f} this job may cost")
@@ -223,6 +228,7 @@ class Pipeline:
             machine_id=result.machine_id, dph_total=result.dph_total or None,
             gpu_name=result.gpu_name or self.s.gpu_name, rented_at=job.rented_at or time.time(),
             instance_gone_at=None,
+            bandwidth_usd=bandwidth_usd(plan, result.inet_down_cost, result.inet_up_cost),
         )
         try:
             inst = await self.d.vast.show_instance(result.instance_id)
@@ -725,7 +731,7 @@ class Pipeline:
         cost = job.cost_so_far(now)
         billed = job.rental_seconds(now)
         return await self.d.store.update(job.id, instance_gone_at=now, cost_usd=cost, billed_s=billed,
-                                         rented_at=None)
+                                         rented_at=None, bandwidth_usd=0.0)  # now inside cost_usd
 
     async def _safe_destroy(self, job: Job) -> tuple[Job, str]:
         try:

@@ -13,13 +13,14 @@ from services.vastai.errors import (
 )
 from services.vastai.models import Balance, Instance, InstanceStatus, Offer, RentResult, SshEndpoint
 from services.vastai.rent import rent
-from services.vastai.search import OfferQuery, rank
+from services.vastai.search import JobPlan, OfferQuery, rank
 
 __all__ = [
     "Balance",
     "Instance",
     "InstanceStatus",
     "InsufficientCredit",
+    "JobPlan",
     "NoOffers",
     "Offer",
     "OfferQuery",

@@ -40,7 +40,7 @@ from services.vastai.errors import (
     VastError,
 )
 from services.vastai.models import Balance, Instance, InstanceStatus, Offer, strip_strings
-from services.vastai.search import OfferQuery, rank
+from services.vastai.search import JobPlan, OfferQuery, rank
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,8 @@ class VastClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     # --- offers -------------------------------------------------------------------------------
-    async def search_offers(self, query: OfferQuery) -> list[Offer]:
+    async def search_offers(self, query: OfferQuery, plan: JobPlan | None = None) -> list[Offer]:
+        """Offers that pass the query, ranked by the expected cost of `plan` (a typical job if None)."""
         body = await self.request("POST", "/api/v0/bundles/", "bundles", json=query.to_body())
         raw = body.get("offers", []) if isinstance(body, dict) else []
         offers = []
@@ -301,7 +302,7 @@ class VastClient:
                 offers.append(Offer.model_validate(item))
             except ValueError:
                 log.warning("skipping an offer that does not parse")
-        return rank([o for o in offers if query.accepts(o)])
+        return rank([o for o in offers if query.accepts(o)], plan)
 
     # --- instances ----------------------------------------------------------------------------
     async def create_instance(

@@ -216,3 +216,38 @@ def test_pacing_follows_vast_thresholds() -> None:
     assert (c.pace_s("show"), c.pace_s("destroy"), c.pace_s("asks"), c.pace_s("list")) == (2.0, 3.0, 4.5, 1.0)
     assert c.pace_s("bundles") == 6.0  # 10 searches a minute per IP
     assert VastClient("k", min_interval_s=0).pace_s("show") == 0.0
+
+
+def test_host_ram_and_bandwidth_caps_go_on_the_wire_and_are_rechecked() -> None:
+    from services.settings import load_settings
+    from services.vastai import Offer
+
+    q = OfferQuery.from_settings(load_settings(min_cpu_ram_gb=48, max_inet_cost_per_gb=0.02))
+    body = q.to_body()
+    assert body["cpu_ram"] == {"gte": 48000}  # MB, as the API (and the official CLI's x1000) has it
+    assert body["inet_down_cost"] == {"lte": 0.02} and body["inet_up_cost"] == {"lte": 0.02}
+    ok = {"id": 1, "gpu_name": "RTX 4090", "num_gpus": 1, "dph_total": 0.3, "reliability": 0.99,
+          "inet_down": 900, "disk_space": 200, "cuda_max_good": 13, "cpu_ram": "64000",
+          "inet_down_cost": "0.01", "inet_up_cost": 0.01}
+    assert q.accepts(Offer.model_validate(ok))
+    assert not q.accepts(Offer.model_validate({**ok, "cpu_ram": 32000}))
+    assert not q.accepts(Offer.model_validate({**ok, "inet_up_cost": 0.5}))
+
+
+def test_quote_and_cost_so_far_include_bandwidth() -> None:
+    from services.jobs.model import Job
+    from services.quote import quote
+    from services.recipe import FluxRecipe
+    from services.settings import load_settings
+
+    s = load_settings()
+    recipe = FluxRecipe(name="x", trigger_word="sks", steps=1000)
+    free = quote(recipe, dph_total=0.4, inet_down_mbps=800, dataset_bytes=50_000_000, gpu_name="RTX 4090",
+                 settings=s)
+    dear = quote(recipe, dph_total=0.4, inet_down_mbps=800, dataset_bytes=50_000_000, gpu_name="RTX 4090",
+                 settings=s, inet_down_cost_per_gb=0.01, inet_up_cost_per_gb=0.02)
+    assert dear.bandwidth_usd > 0.34  # 34 GB of model in at $0.01/GB, plus the rest
+    assert dear.cost_high_usd == pytest.approx(free.cost_high_usd + dear.bandwidth_usd, abs=1e-3)
+    now = time.time()
+    job = Job(id="job1", dph_total=0.36, rented_at=now - 3600, bandwidth_usd=0.5)
+    assert job.cost_so_far(now) == pytest.approx(0.86)
