@@ -28,7 +28,7 @@ from services.jobs.pipeline import Deps, Pipeline, job_id_from_label
 from services.jobs.store import JobStore
 from services.settings import Settings
 from services.storage import Storage
-from services.vastai import Instance, VastClient, VastError
+from services.vastai import Instance, InstanceStatus, VastClient, VastError
 
 log = logging.getLogger(__name__)
 _OTHER_PROCESS_POLL_S = 0.25  # how often `wait` reads the store for a job another process drives
@@ -364,6 +364,8 @@ async def find_orphans(store: JobStore, settings: Settings, vast: VastClient) ->
     """An instance is ours when its label has our prefix; an orphan when no live job claims it."""
     orphans = []
     for inst in await vast.list_instances():
+        if inst.status == InstanceStatus.GONE:
+            continue  # a destroyed contract the list still returns (cur_state "unloaded"): not billing
         job_id = job_id_from_label(settings, inst.label)
         if job_id is None:
             continue  # not lorabot's: never touched
