@@ -395,7 +395,9 @@ async def _instances_left(s: Settings, job: Job) -> int | None:
             found = await vast.list_instances()
     except VastError:
         return None
-    return sum(1 for i in found if i.label and (i.label == prefix or i.label.startswith(prefix + "-")))
+    # a destroyed contract the list still returns (status "gone") bills nothing
+    return sum(1 for i in found if i.status != "gone" and i.label
+               and (i.label == prefix or i.label.startswith(prefix + "-")))
 
 
 def _result_doc(s: Settings, outcome: Outcome, instances_left: int | None) -> dict[str, Any]:

@@ -35,6 +35,9 @@ async def recheck_label(
         except VastError as exc:
             log.warning("late check of label %s failed: %s", label, exc)
             continue
+        except Exception as exc:  # the client closed with its process: nothing left to check with
+            log.warning("late checks of label %s stopped: %s", label, exc)
+            return
         if extra:
             log.warning("label %s: destroyed late rental(s) %s", label, extra)
             if on_destroyed is not None:
