@@ -87,6 +87,7 @@ class _Inst:
     fault: str | None = None  # "exited" | "offline" | "never_ready" | "unknown" | "oci_error"
     destroyed: bool = False
     destroyed_at: float = 0.0
+    stopped: bool = False  # PUT {"state": "stopped"}: GPU released, storage still bills
     listed_at: float = 0.0  # monotonic time from which it appears in the v1 list
     ssh_keys: list[str] = field(default_factory=list)
 
@@ -301,6 +302,7 @@ class VastEmulator:
         r.add_get("/api/v0/ssh/", self._ssh_list)
         r.add_post("/api/v0/ssh/", self._ssh_add)
         r.add_post("/api/v0/instances/{id}/ssh/", self._ssh_attach)
+        r.add_delete("/api/v0/instances/{id}/ssh/{key_id}/", self._ssh_detach)
         r.add_get("/api/v0/users/current/", self._user)
         r.add_get("/api/v0/users/current", self._user)
         self._runner = web.AppRunner(app, access_log=None)
@@ -442,6 +444,12 @@ class VastEmulator:
             "geolocation": offer["geolocation"],
             "uptime_mins": None,
         }
+        if inst.stopped and not inst.destroyed:
+            d.update(cur_state="stopped", intended_status="stopped", next_state="stopped", actual_status="exited",
+                     status_msg="stopped", ssh_host=None, ssh_port=None)
+            d[self.quirks.ip_field] = None
+            d["ports"] = [8080, 8081]
+            return d
         if inst.destroyed:
             d.update(cur_state="unloaded", intended_status="destroyed", next_state="destroyed",
                      status_msg="", actual_status="exited")
@@ -605,6 +613,8 @@ class VastEmulator:
                 return self._error(404, "no_such_instance", "Instance not found")
             if self.quirks.success_false:
                 return self._json({"success": False, "error": "server_error", "msg": "could not update"})
+            if body.get("state") in ("stopped", "running"):
+                inst.stopped = body["state"] == "stopped"
             if "label" in body:
                 if len(str(body["label"])) > 1024:
                     return self._error(400, "label_too_long", "label too long")
@@ -640,6 +650,16 @@ class VastEmulator:
                 return self._json({"success": False, "error": "server_error", "msg": "could not attach the key"})
             inst.ssh_keys.append(str(body.get("ssh_key")))
         return self._json({"success": True, "msg": "SSH key added to instance.", "key": json.dumps({"id": 1})})
+
+    async def _ssh_detach(self, request: web.Request) -> web.Response:
+        with self._lock:
+            inst = self._get(request)
+            if inst is None:
+                return self._error(404, "no_such_instance", "Instance not found")
+            key = next((k for k in self.account_keys if str(k["id"]) == request.match_info["key_id"]), None)
+            if key is not None and key["key"] in inst.ssh_keys:
+                inst.ssh_keys.remove(key["key"])
+        return self._json({"success": True, "msg": "SSH key removed from instance."})
 
     async def _user(self, request: web.Request) -> web.Response:
         return self._json({"id": 42, "email": "ops@example.com", "credit": self.credit, "balance": 0.0,

@@ -133,3 +133,24 @@ def test_destroyed_rows_read_as_gone_by_the_official_rule() -> None:
         from services.vastai.models import Instance
 
         assert Instance.model_validate(row).status == InstanceStatus.GONE
+
+
+async def test_a_stop_from_the_official_sdk_reads_as_stopped_and_failed() -> None:
+    """A stopped contract still bills storage: lorabot treats it as failed (destroy, rent elsewhere)."""
+    with VastEmulator(quirks=Quirks(loading_s=0)) as emu:
+        def stop_and_detach() -> int:
+            c = SdkClient(api_key=emu.api_key, server_url=emu.url)
+            ask = offers.search_offers(c, {"num_gpus": {"eq": "1"}}, limit=1)[0]["id"]
+            iid = int(instances.create_instance(c, ask, image="img", disk=40, label="lorabot-stop")["new_contract"])
+            key_id = keys.create_ssh_key(c, KEY)["id"]
+            keys.attach_ssh(c, iid, KEY)
+            assert keys.detach_ssh(c, iid, str(key_id))["success"] is True
+            assert instances.stop_instance(c, iid)["success"] is True
+            return iid
+
+        iid = await asyncio.to_thread(stop_and_detach)
+        async with VastClient(emu.api_key, emu.url, min_interval_s=0) as ours:
+            inst = await ours.show_instance(iid)
+            assert inst is not None and inst.status == InstanceStatus.STOPPED and inst.status.failed
+            await ours.destroy_instance(iid)
+        assert emu.live_instances() == []
