@@ -67,3 +67,17 @@ def test_offers_rank_by_the_expected_job_cost_and_keep_to_ram_and_bandwidth_caps
         assert offers[0]["expected_cost"] < offers[1]["expected_cost"]
         table = lorabot(emu, "offers", "--steps", "1000")
         assert "job $" in table.stdout and "1000-step" in table.stdout
+
+
+def test_destroy_never_exits_0_on_a_redirected_empty_or_refused_answer() -> None:
+    with VastEmulator() as emu:
+        iid = emu.rent_outside("lorabot-live")
+        for quirk in ("redirect_empty", "empty_bodies", "success_false"):
+            emu.set_quirks(**{quirk: True})
+            p = lorabot(emu, "destroy", str(iid))
+            assert p.returncode == 3, (quirk, p.stdout, p.stderr)
+            assert "destroyed" not in p.stdout
+            emu.set_quirks(**{quirk: False})
+        assert [i["id"] for i in emu.live_instances()] == [iid]
+        assert lorabot(emu, "destroy", str(iid)).returncode == 0
+        assert emu.live_instances() == []
