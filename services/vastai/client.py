@@ -233,6 +233,7 @@ class VastClient:
                 raise VastError(f"Vast.ai {endpoint}: answered {response.status_code} redirect to "
                                 f"{urlsplit(target).netloc or 'nowhere'}; not followed", status=response.status_code)
             url = target
+            kwargs.pop("params", None)  # the Location already carries the query
         else:
             raise VastError(f"Vast.ai {endpoint}: too many redirects", status=response.status_code)
         if response.status_code == 429:
