@@ -63,13 +63,13 @@ async def test_lost_create_that_surfaces_minutes_late_is_adopted_not_rented_twic
 
 
 async def test_a_rental_later_than_the_watch_is_destroyed_by_the_late_recheck() -> None:
-    quirks = Quirks(lost_creates=1, list_lag_s=400, time_scale=SCALE)
+    quirks = Quirks(lost_creates=1, list_lag_s=250, time_scale=SCALE)
     with VastEmulator(quirks=quirks) as emu:
         async with client_for(emu) as c:
             iid, offer_id = await _rent(c)
             assert len(emu.live_instances()) == 2  # the lost one bills, but is not listed yet
             assert offer_id == emu.creates[1]["offer_id"]
-            await recheck_label(c, LABEL, lambda: iid, delays_s=[60 * SCALE, 600 * SCALE])
+            await recheck_label(c, LABEL, lambda: iid, delays_s=[60 * SCALE, 300 * SCALE])
         assert [i["id"] for i in emu.live_instances()] == [iid]
         assert len(emu.instances_ever(LABEL)) == 2
 
