@@ -2,8 +2,12 @@
 
 It speaks the real wire format of reference/vastai-api.md: POST /api/v0/bundles/, PUT
 /api/v0/asks/{id}/, GET /api/v0/instances/{id}/ (wrapped, null when gone), GET /api/v1/instances/
-(paginated; the v0 list answers 410), DELETE, labels, SSH keys and the account. Its instances are
-"rented boxes" whose SSH endpoint is whatever the test gives (the loopback sshd of tests/sim/sshd.py).
+(paginated; the v0 list answers 410), DELETE, labels, stop/start, SSH keys and the account. Its
+instances are "rented boxes" whose SSH endpoint is whatever the test gives (the loopback sshd of
+tests/sim/sshd.py). Vast.ai's own `vastai` SDK and CLI run against it in
+tests/services/vastai/test_official_sdk.py: exactly `application/json`, filters sent as strings,
+real instance rows (`extra_env`, ...), SSH keys with `key`/`deleted_at`, a query-parameter key.
+Delays of the quirks (60 s creates, list lag, lingering rows) run on `Quirks.time_scale`.
 
 It runs in its own thread and event loop, so synchronous tests, subprocesses (`lorabot ...`) and
 `lorabot demo` can all use it. Not a pytest module: importable from the package for the demo.
