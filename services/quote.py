@@ -166,6 +166,7 @@ class Quote(BaseModel):
     total_high_s: float
     cost_low_usd: float
     cost_high_usd: float
+    bandwidth_usd: float = 0.0  # included in both costs
     notes: list[str] = Field(default_factory=list)
 
     def phase(self, name: str) -> PhaseEstimate:
@@ -190,6 +191,19 @@ def _span(low: float, high: float) -> str:
     return f"{low / 3600:.1f}–{high / 3600:.1f} h"
 
 
+SAMPLE_BYTES = 1_500_000  # one sample image
+LOG_BYTES = 5_000_000
+
+
+def upload_bytes(recipe: FluxRecipe) -> float:
+    """Bytes out of the box (billed at inet_up_cost): the LoRA, checkpoint backups, samples, the log."""
+    saves = (recipe.steps - 1) // recipe.save_every + 1
+    samples = 0
+    if recipe.sample_every > 0 and recipe.sample_prompts:
+        samples = ((recipe.steps - 1) // recipe.sample_every + 2) * len(recipe.sample_prompts)
+    return recipe.rank * LORA_BYTES_PER_RANK * (1 + min(saves, 3)) + samples * SAMPLE_BYTES + LOG_BYTES
+
+
 def _transfer_s(nbytes: float, mbps: float) -> float:
     return nbytes * 8 / (mbps * 1e6) if mbps > 0 else 0.0
 
@@ -206,6 +220,7 @@ def quote(
     sec_per_step: float | None = None,
     profile: SpeedProfile | None = None,
     inet_down_cost_per_gb: float = 0.0,
+    inet_up_cost_per_gb: float = 0.0,
 ) -> Quote:
     """Time and cost ranges for `recipe` on an offer. `sec_per_step` (effective for this recipe, used
     unscaled) and `profile` replace the table and settings when given."""
@@ -257,7 +272,9 @@ def quote(
 
     low = sum(p.low_s for p in phases)
     high = sum(p.high_s for p in phases)
-    extra = prof.model_bytes / 1e9 * inet_down_cost_per_gb
+    # bandwidth is billed per GB (issue 14): the model and dataset in, the LoRA and samples out
+    extra = ((prof.model_bytes + dataset_bytes) / 1e9 * inet_down_cost_per_gb
+             + upload_bytes(recipe) / 1e9 * inet_up_cost_per_gb)
     return Quote(
         gpu_name=gpu_name,
         dph_total=dph_total,
@@ -269,6 +286,7 @@ def quote(
         total_high_s=round(high, 1),
         cost_low_usd=round(low / 3600 * dph_total + extra, 4),
         cost_high_usd=round(high / 3600 * dph_total + extra, 4),
+        bandwidth_usd=round(extra, 4),
         notes=notes,
     )
 

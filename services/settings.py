@@ -48,6 +48,21 @@ class Settings(BaseSettings):
     vastai_backoff_max_s: float = Field(30.0, ge=0, validation_alias="LORABOT_VASTAI_BACKOFF_MAX_S")
     # minimum interval between two calls to the same endpoint (Vast.ai enforces per-endpoint pacing)
     vastai_min_interval_s: float = Field(0.25, ge=0, validation_alias="LORABOT_VASTAI_MIN_INTERVAL_S")
+    # --- issue 14: the real Vast.ai -------------------------------------------------------------
+    # a create has its own timeout (the official SDK's 120 s): Vast may take that long to rent
+    vastai_create_timeout_s: float = Field(120.0, gt=0, validation_alias="LORABOT_VASTAI_CREATE_TIMEOUT_S")
+    # after an unanswered create, the label is watched this long (create timeout + list lag) before
+    # another offer is tried; then looked at again at these delays (s) to destroy a late second rental
+    vastai_label_watch_s: float = Field(180.0, ge=0, validation_alias="LORABOT_VASTAI_LABEL_WATCH_S")
+    vastai_label_rechecks_s: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [60.0, 180.0, 600.0], validation_alias="LORABOT_VASTAI_LABEL_RECHECKS_S"
+    )
+    # `actual_status: unknown` this long in a row means the machine will never run: rent elsewhere
+    vastai_unknown_grace_s: float = Field(90.0, ge=0, validation_alias="LORABOT_VASTAI_UNKNOWN_GRACE_S")
+    # ai-toolkit stages the bf16 FLUX transformer (~22 GiB) and T5 in host RAM: less gets OOM-killed
+    min_cpu_ram_gb: float = Field(48.0, ge=0, validation_alias="LORABOT_MIN_CPU_RAM_GB")
+    # bandwidth is billed per GB: offers dearer than this ($/GB, down or up) are never rented
+    max_inet_cost_per_gb: float = Field(0.05, ge=0, validation_alias="LORABOT_MAX_INET_COST_PER_GB")
 
     # --- what to rent -------------------------------------------------------------------------
     gpu_name: str = Field("RTX 4090", validation_alias="LORABOT_GPU_NAME")
@@ -222,6 +237,12 @@ class Settings(BaseSettings):
     def discord_guild_id(self) -> int | None:
         """The first allowed guild (where operator-facing things go when a job names none)."""
         return self.discord_guild_ids[0] if self.discord_guild_ids else None
+    @field_validator("vastai_label_rechecks_s", mode="before")
+    @classmethod
+    def _split_delays(cls, v: Any) -> Any:  # issue 14: "60,180,600" as well as a JSON list
+        if isinstance(v, str) and not v.strip().startswith("["):
+            return [float(part) for part in v.split(",") if part.strip()]
+        return v
 
     # --- helpers ------------------------------------------------------------------------------
     def require(self, *fields: str, why: str = "") -> None:

@@ -395,8 +395,9 @@ async def _instances_left(s: Settings, job: Job) -> int | None:
             found = await vast.list_instances()
     except VastError:
         return None
-    # labels are `<prefix><install>-<job>[-<attempt>]` (older ones `<prefix><job>[-<attempt>]`)
-    return sum(1 for i in found if i.label and i.label.startswith(prefix)
+    # labels are `<prefix><install>-<job>[-<attempt>]` (older ones `<prefix><job>[-<attempt>]`); a destroyed
+    # contract the list still returns (status "gone") bills nothing
+    return sum(1 for i in found if i.status != "gone" and i.label and i.label.startswith(prefix)
                and job.id in i.label[len(prefix):].split("-"))
 
 

@@ -10,10 +10,13 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.table import Table
 
-from bot.cli.common import EXIT_INFRA, EXIT_USAGE, console, fail, print_json, run, settings
+from bot.cli.common import EXIT_INFRA, EXIT_USAGE, console, err_console, fail, print_json, run, settings
+from services.jobcost import plan_for
+from services.recipe import FluxRecipe, RecipeError
 from services.settings import Settings
 from services.vastai import (
     InsufficientCredit,
+    JobPlan,
     NoOffers,
     Offer,
     OfferQuery,
@@ -59,16 +62,27 @@ def query_from_settings(
                                     max_dph=max_price, limit=limit)
 
 
-def _offers_table(offers: list[Offer]) -> Table:
-    table = Table(title=f"{len(offers)} offers, best first")
-    for col in ("id", "gpu", "$/h", "reliability", "down Mb/s", "region", "score"):
+def _offers_table(offers: list[Offer], steps: int) -> Table:
+    table = Table(title=f"{len(offers)} offers, best first (ranked by the expected cost of a {steps}-step job)")
+    for col in ("id", "gpu", "$/h", "job $", "$/GB down/up", "RAM GB", "reliability", "down Mb/s", "region"):
         table.add_column(col, justify="right" if col not in ("gpu", "region") else "left")
     for o in offers:
         table.add_row(
-            str(o.id), f"{o.num_gpus}x {o.gpu_name}", f"{o.dph_total:.3f}", f"{o.reliability:.3f}",
-            f"{o.inet_down:.0f}", o.geolocation, f"{o.score:.3f}",
+            str(o.id), f"{o.num_gpus}x {o.gpu_name}", f"{o.dph_total:.3f}",
+            "-" if o.expected_cost is None else f"{o.expected_cost:.2f}",
+            f"{o.inet_down_cost:.3f}/{o.inet_up_cost:.3f}", f"{o.cpu_ram / 1000:.0f}", f"{o.reliability:.3f}",
+            f"{o.inet_down:.0f}", o.geolocation,
         )
     return table
+
+
+def job_plan(s: Settings, steps: int | None = None) -> tuple[JobPlan, int]:
+    """The plan offers are ranked by: the default recipe, with `steps` when given."""
+    try:
+        recipe = FluxRecipe.from_preset("character", name="offers", trigger_word="sks", steps=steps)
+    except RecipeError as exc:
+        fail(str(exc))
+    return plan_for(recipe, s, 50_000_000), recipe.steps
 
 
 def offers(
@@ -77,16 +91,18 @@ def offers(
     region: Annotated[str | None, typer.Option("--region", help="Country code(s), comma separated.")] = None,
     max_price: Annotated[float | None, typer.Option("--max-price", min=0.001, help="Max $/h.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=200)] = 10,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Rank by the cost of a job this long.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List rentable offers, best first."""
+    """List rentable offers, best first: by the expected cost of a job (time, download, bandwidth)."""
     s = settings("vastai_api_key", why="to search offers")
     q = query_from_settings(s, gpu=gpu, num_gpus=num_gpus, region=region, max_price=max_price, limit=limit)
-    found = _call(s, lambda c: c.search_offers(q))[:limit]
+    plan, n_steps = job_plan(s, steps)
+    found = _call(s, lambda c: c.search_offers(q, plan))[:limit]
     if as_json:
         print_json([o.public() for o in found])
     else:
-        console.print(_offers_table(found))
+        console.print(_offers_table(found, n_steps))
 
 
 def regions(
@@ -153,9 +169,12 @@ def rent_cmd(
         if pub:
             await c.ensure_ssh_key(pub)
         result = await rent(c, label=label, image=image or s.image, disk_gb=disk_gb, offers=candidates or [],
-                            attempts=s.rent_attempts)
+                            attempts=s.rent_attempts, label_watch_s=s.vastai_label_watch_s)
         if pub:
             await c.attach_ssh_key(result.instance_id, pub)
+        if result.ambiguous:
+            err_console.print(f"warning: a create went unanswered; if a second instance shows under label "
+                              f"{label} later, `lorabot reconcile --destroy` removes it", highlight=False)
         return result.model_dump()
 
     result = _call(s, go)

@@ -16,6 +16,7 @@ from typing import Any
 
 from services.dataset import DatasetError, DatasetReport, prepare
 from services.dataset.prepare import rejected_report
+from services.jobcost import plan_for
 from services.jobs.cleanup import drop_job_files
 from services.jobs.model import Job, JobState
 from services.jobs.store import JobStore
@@ -142,7 +143,9 @@ async def draft(
     offer: Offer | None = None
     if vast is not None:
         try:
-            offers = await vast.search_offers(offer_query(settings, max_price))
+            # ranked by what this job would cost on each (time, model download, bandwidth)
+            plan = plan_for(recipe, settings, prepared.manifest.total_bytes)
+            offers = await vast.search_offers(offer_query(settings, max_price), plan)
         except VastError as exc:
             job = await _fail(store, job, f"cannot read the GPU market: {exc}", "provider")
             return Draft(job, report, None, None, False, str(exc))
@@ -155,7 +158,9 @@ async def draft(
     dph = offer.dph_total if offer else settings.max_price
     inet = offer.inet_down if offer else settings.min_inet_down or 500.0
     q = quote(recipe, dph_total=dph, inet_down_mbps=inet, dataset_bytes=prepared.manifest.total_bytes,
-              gpu_name=offer.gpu_name if offer else settings.gpu_name, settings=settings)
+              gpu_name=offer.gpu_name if offer else settings.gpu_name, settings=settings,
+              inet_down_cost_per_gb=offer.inet_down_cost if offer else 0.0,
+              inet_up_cost_per_gb=offer.inet_up_cost if offer else 0.0)
     job = await store.update(job.id, recipe=recipe.model_dump(mode="json"), dataset_dir=str(prepared.folder),
                             dataset_sha256=prepared.manifest.dataset_sha256,
                             dataset_bytes=prepared.manifest.total_bytes, quote=quote_doc(q),

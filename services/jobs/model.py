@@ -128,6 +128,8 @@ class Job(BaseModel):
     excluded_machines: list[int] = Field(default_factory=list)
     attempt: int = 1
     billed_s: float = 0.0  # rental seconds of earlier attempts (a retry rents anew)
+    # issue 14: bandwidth is billed per GB; this attempt's expected charge, counted from the rental
+    bandwidth_usd: float = 0.0
 
     # progress
     log_offset: int = 0
@@ -172,14 +174,15 @@ class Job(BaseModel):
         return self.billed_s + max(0.0, end - self.rented_at)
 
     def cost_so_far(self, now: float | None = None) -> float:
-        """Per-second billing: $/h times the rental time of every attempt."""
+        """Per-second billing: $/h times the rental time of every attempt, plus this attempt's
+        bandwidth (earlier attempts' is already in cost_usd)."""
         if self.dph_total is None:
-            return self.cost_usd
+            return round(self.cost_usd + self.bandwidth_usd, 4)
         current = 0.0
         if self.rented_at is not None:
             end = self.instance_gone_at or now or time.time()
             current = max(0.0, end - self.rented_at)
-        return round(self.cost_usd + self.dph_total * current / 3600.0, 4)
+        return round(self.cost_usd + self.dph_total * current / 3600.0 + self.bandwidth_usd, 4)
 
     @property
     def progress(self) -> float:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from services import progress as prog
+from services.jobcost import bandwidth_usd, plan_for_job
 from services.jobs import budget
 from services.jobs.errors import InfraFailure, JobCancelled, JobFailure
 from services.jobs.events import (
@@ -56,8 +57,10 @@ from services.ssh import (
     wait_ready,
 )
 from services.storage import Storage, StorageError, job_keys
-from services.vastai import InstanceStatus, NoOffers, VastClient, VastError, rent
-from services.vastai.errors import InsufficientCredit, VastAuthError
+from services.vastai import Instance, InstanceStatus, NoOffers, VastClient, VastError, rent
+from services.vastai.errors import InsufficientCredit, SearchQuotaExceeded, VastAuthError
+from services.vastai.guard import schedule_rechecks
+from services.vastai.search import JobPlan
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,7 @@ class Pipeline:
         self._seen_samples: set[str] = set()
         self._last_download_note = 0.0
         self._work = Path(self.s.work_dir) / job_id
+        self._unknown_since: dict[int, float] = {}  # instance id -> first `unknown` seen in a row
 
     # --- plumbing -----------------------------------------------------------------------------
     async def _emit(self, job: Job, event: JobEvent) -> None:
@@ -214,12 +218,15 @@ class Pipeline:
         await self._emit(job, Readiness("renting", f"looking for a {self.s.gpu_name}"))
         pub = self._public_key()
         query = offer_query(self.s, job.max_price, job.excluded_machines)
+        plan = plan_for_job(job.recipe, self.s, job.dataset_bytes) or JobPlan()
         try:
-            offers = await self.d.vast.search_offers(query)
+            offers = await self.d.vast.search_offers(query, plan)
             if not offers:
                 raise NoOffers("no offer under the price cap right now")
             hours = float(job.quote.get("hours_high") or 1.0)
-            need = offers[0].dph_total * hours * self.s.credit_margin
+            best = offers[0]
+            need = (best.dph_total * hours
+                    + bandwidth_usd(plan, best.inet_down_cost, best.inet_up_cost)) * self.s.credit_margin
             # the credit must also cover what every other live job may still spend (issue 13, M8)
             others = budget.committed_elsewhere(await self.d.store.live(), job.id)
             credit = (await self.d.vast.balance()).credit
@@ -229,11 +236,18 @@ class Pipeline:
                     + (f" plus the ${others:.2f} other running jobs may still spend" if others else ""))
             await self.d.vast.ensure_ssh_key(pub)
             result = await rent(self.d.vast, label=job.label, image=self.s.image, disk_gb=self.s.disk_gb,
-                                offers=offers, attempts=self.s.rent_attempts)
+                                offers=offers, attempts=self.s.rent_attempts,
+                                label_watch_s=self.s.vastai_label_watch_s)
         except (NoOffers, InsufficientCredit, VastAuthError) as exc:
+            if isinstance(exc, NoOffers) and exc.ambiguous:
+                self._guard_label(job.label, None)  # an unanswered create may still rent: look again
             raise JobFailure("no_offers" if isinstance(exc, NoOffers) else "account", str(exc)) from None
+        except SearchQuotaExceeded as exc:
+            raise JobFailure("provider", str(exc)) from None
         except VastError as exc:
             raise JobFailure("provider", f"Vast.ai: {exc}") from None
+        if result.ambiguous:
+            self._guard_label(job.label, result.instance_id)
         # the id is stored before anything else can fail: from here on, every exit destroys it
         try:
             job = await self.d.store.update(
@@ -241,6 +255,7 @@ class Pipeline:
                 machine_id=result.machine_id, dph_total=result.dph_total or None,
                 gpu_name=result.gpu_name or self.s.gpu_name, rented_at=job.rented_at or time.time(),
                 instance_gone_at=None,
+                bandwidth_usd=bandwidth_usd(plan, result.inet_down_cost, result.inet_up_cost),
             )
         except Exception as exc:  # a full disk: an instance nobody can find again must not bill
             log.error("job %s: storing instance %s failed (%s); destroying it", job.id, result.instance_id, exc)
@@ -259,7 +274,10 @@ class Pipeline:
         try:
             await self.d.vast.attach_ssh_key(result.instance_id, pub)
         except VastError as exc:
-            log.warning("could not attach the SSH key to %s: %s", result.instance_id, exc)
+            # without our key the box can never be reached: fail now (the instance is destroyed and
+            # the job retried elsewhere) instead of waiting out the readiness timeout
+            raise InfraFailure("ssh_key", f"could not put lorabot's SSH key on instance {result.instance_id}: "
+                               f"{exc}") from None
         where = f" in {result.geolocation}" if result.geolocation else ""
         job = await self._to(job, S.WAITING_READY, f"rented instance {result.instance_id} at ${job.dph_total}/h")
         await self._emit(job, Readiness("rented", f"{job.gpu_name}{where} at ${job.dph_total:.3f}/h"))
@@ -272,11 +290,15 @@ class Pipeline:
 
         async def api_poll() -> list[Endpoint] | None:
             await self._check_cancel()
-            inst = await self.d.vast.show_instance(instance_id)
-            if inst is None:
-                raise InfraFailure("instance_gone", f"instance {instance_id} disappeared while starting")
-            if inst.status.failed:
-                raise InfraFailure("instance_failed", f"instance {instance_id} is {inst.status}: {inst.status_msg}")
+            try:
+                inst = await self.d.vast.show_instance(instance_id)
+            except VastAuthError:
+                raise
+            except VastError as exc:
+                log.warning("job %s: instance %s status unknown for now: %s", job.id, instance_id, exc)
+                return None  # an API hiccup says nothing about the box; the readiness deadline bounds it
+            self._judge(inst, instance_id, " while starting")
+            assert inst is not None
             if inst.status == InstanceStatus.RUNNING and inst.endpoints():
                 return [Endpoint(e.host, e.port, self.s.ssh_user, e.kind) for e in inst.endpoints()]
             return None
@@ -341,17 +363,38 @@ class Pipeline:
                 log.debug("closing the SSH connection failed", exc_info=True)
             self._box, self._remote = None, None
 
-    async def _ensure_instance_alive(self, job: Job) -> None:
+    def _guard_label(self, label: str, keep: int | None) -> None:
+        """After an unanswered create: look at the label again later and destroy a late second rental."""
+        if self.s.vastai_label_rechecks_s:
+            schedule_rechecks(self.d.vast, label, lambda: keep, self.s.vastai_label_rechecks_s)
+
+    def _judge(self, inst: Instance | None, instance_id: int, when: str = "", *, ssh_ok: bool = False) -> None:
+        """Raise when the instance will never be usable: gone, exited, offline, stopped, an error in
+        status_msg, or `unknown` for longer than the grace (Vast: "it will never reach running")."""
+        if inst is None or inst.status == InstanceStatus.GONE:
+            raise InfraFailure("instance_gone", f"instance {instance_id} disappeared{when}")
+        if inst.status == InstanceStatus.UNKNOWN and not ssh_ok:
+            now = time.monotonic()
+            since = self._unknown_since.setdefault(instance_id, now)
+            if now - since >= self.s.vastai_unknown_grace_s:
+                raise InfraFailure("instance_failed", f"instance {instance_id} has been in state 'unknown' for "
+                                   f"{now - since:.0f}s{when}: it will never run")
+            return
+        self._unknown_since.pop(instance_id, None)
+        if inst.status.failed:
+            what = inst.raw_status or inst.status.value
+            msg = f": {inst.status_msg}" if inst.status_msg else ""
+            raise InfraFailure("instance_failed", f"instance {instance_id} is {what}{when}{msg}")
+
+    async def _ensure_instance_alive(self, job: Job, *, ssh_ok: bool = False) -> None:
         if job.instance_id is None:
             return
         try:
             inst = await self.d.vast.show_instance(job.instance_id)
         except VastError:
             return  # the API being down says nothing about the box
-        if inst is None:
-            raise InfraFailure("instance_gone", f"instance {job.instance_id} disappeared")
-        if inst.status.failed:
-            raise InfraFailure("instance_failed", f"instance {job.instance_id} is {inst.status}")
+        # a host that stopped reporting while SSH and the trainer still work is left to finish
+        self._judge(inst, job.instance_id, ssh_ok=ssh_ok)
 
     async def _remote_call(self, job: Job, what: str, fn: Any) -> Any:
         """Run `fn(remote)`, reconnecting through drops until the SSH-lost deadline."""
@@ -495,7 +538,7 @@ class Pipeline:
                 await self._emit(job, LogSnippet(self._redact("\n".join(self._parser.tail()[-15:]))))
             if now - last_api_check > self.s.instance_check_s:
                 last_api_check = now
-                await self._ensure_instance_alive(job)
+                await self._ensure_instance_alive(job, ssh_ok=True)
                 await self._emit(job, CostUpdate(job.cost_so_far(), job.dph_total or 0.0))
             await self._limits(job, started, now - last_output)
             await self._sleep(self.s.monitor_interval_s)
@@ -755,26 +798,40 @@ class Pipeline:
 
     # --- endings ------------------------------------------------------------------------------
     async def _destroy(self, job: Job) -> Job:
-        """Destroy the rented machine (verified) and settle its cost; retried, never skipped."""
-        if job.instance_id is None and job.label and job.state == S.RENTING:
-            # a create whose answer was lost may still have rented under our label
+        """Destroy the rented machine (verified) and settle its cost; retried, never skipped.
+
+        Every instance under the job's label goes, not only the one whose id the job holds: a create
+        whose answer was lost may have rented a second one."""
+        if job.label:
             try:
                 found = await self.d.vast.find_by_label(job.label)
             except VastError as exc:
-                raise JobFailure("destroy", f"cannot check label {job.label} for a rental: {exc}") from None
-            # destroy every rental under the label before any store write: with the disk full the
-            # write fails, and the machines must be gone by then (review H1)
-            for inst in found:
-                await self._destroy_id(inst.id)
-            if found:
+                if job.instance_id is None:
+                    raise JobFailure("destroy", f"cannot check label {job.label} for a rental: {exc}") from None
+                log.warning("job %s: label %s not listed (%s); destroying the known instance and "
+                            "looking at the label again later", job.id, job.label, exc)
+                self._guard_label(job.label, None)
+                found = []
+            # destroy every rental under the label (a lost create may have rented a second one), and the
+            # known one, before any store write: with the disk full the write fails, and the machines
+            # must be gone by then (review H1)
+            ids = [i.id for i in found]
+            if job.instance_id is not None and job.instance_gone_at is None and job.instance_id not in ids:
+                ids.append(job.instance_id)
+            for instance_id in ids:
+                if instance_id != job.instance_id:
+                    log.warning("job %s: destroying instance %s under label %s", job.id, instance_id, job.label)
+                await self._destroy_id(instance_id)
+            if found and job.instance_gone_at is None:  # settled already: never bill twice
                 now = time.time()
-                first = found[0]
+                first = next((i for i in found if i.id == job.instance_id), found[0])
                 rented = job.rented_at or first.start_date or now
                 job = job.model_copy(update={"instance_id": first.id, "rented_at": rented,
                                              "dph_total": job.dph_total or first.dph_total or None})
                 return await self.d.store.update(
                     job.id, instance_id=first.id, instance_gone_at=now, cost_usd=job.cost_so_far(now),
-                    billed_s=job.rental_seconds(now), rented_at=None, dph_total=job.dph_total)
+                    billed_s=job.rental_seconds(now), rented_at=None, dph_total=job.dph_total,
+                    bandwidth_usd=0.0)  # now inside cost_usd
         if job.instance_id is None or job.instance_gone_at is not None:
             return job
         await self._destroy_id(job.instance_id)
@@ -782,7 +839,7 @@ class Pipeline:
         cost = job.cost_so_far(now)
         billed = job.rental_seconds(now)
         return await self.d.store.update(job.id, instance_gone_at=now, cost_usd=cost, billed_s=billed,
-                                         rented_at=None)
+                                         rented_at=None, bandwidth_usd=0.0)  # now inside cost_usd
 
     async def _destroy_id(self, instance_id: int) -> None:
         last: Exception | None = None

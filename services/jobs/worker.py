@@ -31,7 +31,7 @@ from services.jobs.store import JobStore
 from services.localfiles import private_dir, warn_on_exposed_key
 from services.settings import Settings
 from services.storage import Storage
-from services.vastai import Instance, VastClient, VastError
+from services.vastai import Instance, InstanceStatus, VastClient, VastError
 
 log = logging.getLogger(__name__)
 _OTHER_PROCESS_POLL_S = 0.25  # how often `wait` reads the store for a job another process drives
@@ -398,6 +398,8 @@ async def find_orphans(
     orphans = []
     listed: list[int] = []
     for inst in await vast.list_instances():
+        if inst.status == InstanceStatus.GONE:
+            continue  # a destroyed contract the list still returns (cur_state "unloaded"): not billing
         listed.append(inst.id)
         try:
             job = await store.by_label(inst.label) if inst.label else None

@@ -7,18 +7,20 @@ from services.vastai.errors import (
     OfferUnavailable,
     RateLimited,
     RentAmbiguous,
+    SearchQuotaExceeded,
     VastAuthError,
     VastError,
 )
 from services.vastai.models import Balance, Instance, InstanceStatus, Offer, RentResult, SshEndpoint
 from services.vastai.rent import rent
-from services.vastai.search import OfferQuery, rank
+from services.vastai.search import JobPlan, OfferQuery, rank
 
 __all__ = [
     "Balance",
     "Instance",
     "InstanceStatus",
     "InsufficientCredit",
+    "JobPlan",
     "NoOffers",
     "Offer",
     "OfferQuery",
@@ -26,6 +28,7 @@ __all__ = [
     "RateLimited",
     "RentAmbiguous",
     "RentResult",
+    "SearchQuotaExceeded",
     "SshEndpoint",
     "VastAuthError",
     "VastClient",

@@ -34,3 +34,9 @@ class RentAmbiguous(VastError):
 
 class NoOffers(VastError):
     """No offer matched the filters (or every candidate was snatched)."""
+
+    ambiguous: bool = False  # a create went unanswered on the way: its rental may still surface
+
+
+class SearchQuotaExceeded(VastError):
+    """Vast.ai's daily search quota is spent (429 search_quota_exceeded): it resets at 00:00 UTC."""

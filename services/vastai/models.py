@@ -1,7 +1,8 @@
 """Pydantic models that normalise Vast.ai's inconsistent payloads (see reference/vastai-api.md).
 
 Everything the rest of lorabot sees goes through these: strings are stripped, the status comes from
-`cur_state or actual_status or status` mapped to one enum, the IP from `public_ipaddr` before
+`actual_status` as Vast's CLI, SkyPilot and dstack read it (`cur_state` only says stopped or
+unloaded; a destroyed row says so in any of the three fields), the IP from `public_ipaddr` before
 `public_ip`, and the SSH endpoint is offered direct first, then through the proxy.
 """
 
@@ -48,11 +49,15 @@ class InstanceStatus(enum.StrEnum):
     STOPPED = "stopped"  # still bills storage: lorabot never leaves an instance stopped
     EXITED = "exited"  # the container died
     OFFLINE = "offline"  # the host went away
+    UNKNOWN = "unknown"  # the host stopped reporting: "will never reach running" once it lasts
+    ERROR = "error"  # created/loading with an error in status_msg (OCI runtime, failed, ...)
     GONE = "gone"  # destroyed or never existed
 
     @property
     def failed(self) -> bool:
-        return self in (InstanceStatus.STOPPED, InstanceStatus.EXITED, InstanceStatus.OFFLINE)
+        """Will never become usable: destroy it and rent elsewhere (UNKNOWN only after a grace)."""
+        return self in (InstanceStatus.STOPPED, InstanceStatus.EXITED, InstanceStatus.OFFLINE,
+                        InstanceStatus.ERROR)
 
 
 _STATUS_MAP = {
@@ -61,7 +66,36 @@ _STATUS_MAP = {
     "exited": InstanceStatus.EXITED,
     "frozen": InstanceStatus.STOPPED,
     "offline": InstanceStatus.OFFLINE,
+    "unknown": InstanceStatus.UNKNOWN,
 }
+# a destroyed contract may still be shown or listed for a while (cur_state "unloaded")
+_GONE_WORDS = frozenset({"unloaded", "destroyed", "terminated", "deleted"})
+# Vast's own readiness loop (vastai/cli/commands/machines.py) fails on these words in status_msg
+_ERROR_WORDS = ("error", "failed", "failure", "exception", "traceback", "oci runtime", "permission denied")
+
+
+def status_msg_is_error(msg: Any) -> bool:
+    return isinstance(msg, str) and any(word in msg.lower() for word in _ERROR_WORDS)
+
+
+def instance_status(row: dict[str, Any]) -> tuple[InstanceStatus, str | None]:
+    """(status, the API's own word for it) from an instance row."""
+    words = {k: str(row[k]).strip().lower() for k in ("actual_status", "cur_state", "intended_status", "status")
+             if isinstance(row.get(k), str)}
+    gone = next((w for w in words.values() if w in _GONE_WORDS), None)
+    if gone:
+        return InstanceStatus.GONE, gone
+    if words.get("cur_state") == "stopped":
+        return InstanceStatus.STOPPED, "stopped"
+    # actual_status is the container's state (null while provisioning); cur_state is the contract's
+    # ("running" from the create on), so it is read only on old shapes without actual_status
+    raw = row.get("actual_status") if "actual_status" in row else (row.get("status") or row.get("cur_state"))
+    raw = raw.strip() if isinstance(raw, str) else None
+    status = parse_status(raw)
+    if status == InstanceStatus.PENDING and (raw or "created").lower() in ("created", "loading") \
+            and status_msg_is_error(row.get("status_msg")):
+        return InstanceStatus.ERROR, raw
+    return status, raw
 
 
 def parse_status(raw: Any) -> InstanceStatus:
@@ -102,6 +136,10 @@ class Offer(BaseModel):
     host_id: int | None = None
     verified: bool = False
     direct_port_count: int = 0
+    cpu_ram: float = 0.0  # MB of host RAM (0: not given)
+    inet_down_cost: float = 0.0  # $/GB downloaded
+    inet_up_cost: float = 0.0  # $/GB uploaded
+    expected_cost: float | None = None  # this job's expected cost on this offer, filled in by search.rank
     score: float = 0.0  # lorabot's ranking score (not Vast's), filled in by search.rank
 
     @model_validator(mode="before")
@@ -115,7 +153,8 @@ class Offer(BaseModel):
         if rel is None:
             rel = d.get("reliability2")
         d["reliability"] = _float(rel)
-        for key in ("dph_total", "inet_down", "inet_up", "dlperf", "disk_space", "cuda_max_good", "gpu_ram"):
+        for key in ("dph_total", "inet_down", "inet_up", "dlperf", "disk_space", "cuda_max_good", "gpu_ram",
+                    "cpu_ram", "inet_down_cost", "inet_up_cost"):
             d[key] = _float(d.get(key))
         d["num_gpus"] = _int_or_none(d.get("num_gpus")) or 1
         d["direct_port_count"] = _int_or_none(d.get("direct_port_count")) or 0
@@ -126,6 +165,7 @@ class Offer(BaseModel):
         d["geolocation"] = d.get("geolocation") or ""
         d["gpu_name"] = d.get("gpu_name") or ""
         d.pop("score", None)  # Vast's own score is not ours
+        d.pop("expected_cost", None)
         return d
 
     @property
@@ -147,6 +187,10 @@ class Offer(BaseModel):
             "region": self.region,
             "dlperf": self.dlperf,
             "machine_id": self.machine_id,
+            "cpu_ram_gb": round(self.cpu_ram / 1000, 1),
+            "inet_down_cost": self.inet_down_cost,
+            "inet_up_cost": self.inet_up_cost,
+            "expected_cost": None if self.expected_cost is None else round(self.expected_cost, 4),
             "score": round(self.score, 4),
         }
 
@@ -168,6 +212,8 @@ class Instance(BaseModel):
     machine_id: int | None = None
     gpu_name: str | None = None
     dph_total: float = 0.0
+    inet_down_cost: float = 0.0
+    inet_up_cost: float = 0.0
     start_date: float | None = None
     raw_status: str | None = Field(default=None, description="the API's own status text")
 
@@ -177,19 +223,15 @@ class Instance(BaseModel):
         if not isinstance(data, dict):
             return data
         d = strip_strings(data)
-        raw = d.get("cur_state") or d.get("actual_status") or d.get("status")
-        # cur_state is the contract state ("running" while the container still loads): only
-        # trust it as running when actual_status agrees or is absent.
-        if raw == "running" and "actual_status" in d and d["actual_status"] != "running":
-            raw = d["actual_status"]  # null while provisioning: pending
-        d["raw_status"] = raw if isinstance(raw, str) else None
-        d["status"] = parse_status(raw)
+        d["status"], d["raw_status"] = instance_status(d)
         d["public_ipaddr"] = d.get("public_ipaddr") or d.get("public_ip") or None
         d["ssh_host"] = d.get("ssh_host") or None
         d["ssh_port"] = _int_or_none(d.get("ssh_port"))
         d["direct_ssh_port"] = _direct_port(d.get("ports"))
         d["machine_id"] = _int_or_none(d.get("machine_id"))
         d["dph_total"] = _float(d.get("dph_total"))
+        d["inet_down_cost"] = _float(d.get("inet_down_cost"))
+        d["inet_up_cost"] = _float(d.get("inet_up_cost"))
         d["start_date"] = _float(d.get("start_date")) or None
         d["label"] = d.get("label") or None
         return d
@@ -251,3 +293,6 @@ class RentResult(BaseModel):
     gpu_name: str = ""
     geolocation: str = ""
     attempts: int = 1
+    inet_down_cost: float = 0.0
+    inet_up_cost: float = 0.0
+    ambiguous: bool = False  # a create went unanswered: re-check the label later for a late rental

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -27,6 +28,9 @@ class OfferQuery(BaseModel):
     rental_type: Literal["on-demand"] = "on-demand"  # bids get stopped when outbid: never used
     limit: int = Field(20, ge=1, le=1000)
     exclude_machine_ids: list[int] = Field(default_factory=list)
+    # issue 14: host RAM for ai-toolkit's FLUX loader, and bandwidth that costs money
+    min_cpu_ram_gb: float = Field(0, ge=0)  # Vast's cpu_ram is in MB
+    max_inet_cost_per_gb: float | None = Field(None, ge=0)  # $/GB, down and up
 
     def to_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -53,6 +57,11 @@ class OfferQuery(BaseModel):
             body["direct_port_count"] = {"gte": 1}
         if self.exclude_machine_ids:
             body["machine_id"] = {"notin": list(self.exclude_machine_ids)}
+        if self.min_cpu_ram_gb:
+            body["cpu_ram"] = {"gte": self.min_cpu_ram_gb * 1000}  # MB on the wire (the CLI's x1000)
+        if self.max_inet_cost_per_gb is not None:
+            body["inet_down_cost"] = {"lte": self.max_inet_cost_per_gb}
+            body["inet_up_cost"] = {"lte": self.max_inet_cost_per_gb}
         body["order"] = [["dph_total", "asc"]]
         body["type"] = self.rental_type
         body["allocated_storage"] = self.min_disk_gb
@@ -83,6 +92,8 @@ class OfferQuery(BaseModel):
             regions=[r.strip().upper() for r in regions or [] if r.strip()],
             exclude_machine_ids=list(exclude_machine_ids or []),
             limit=limit,
+            min_cpu_ram_gb=settings.min_cpu_ram_gb,
+            max_inet_cost_per_gb=settings.max_inet_cost_per_gb,
         )
 
     def accepts(self, offer: Offer) -> bool:
@@ -103,39 +114,60 @@ class OfferQuery(BaseModel):
             return False
         if self.direct_ssh and offer.direct_port_count < 1:
             return False
+        if self.min_cpu_ram_gb and offer.cpu_ram and offer.cpu_ram < self.min_cpu_ram_gb * 1000:
+            return False
+        cap = self.max_inet_cost_per_gb
+        if cap is not None and (offer.inet_down_cost > cap or offer.inet_up_cost > cap):
+            return False
         return offer.machine_id is None or offer.machine_id not in self.exclude_machine_ids
 
 
-# Ranking: the expected price of useful work. A job on an unreliable host may have to be redone
-# (we pay twice), a slow link makes the ~24 GB base-model download bill GPU time, and dlperf is
-# the speed of the work itself. Lower cost is better; score = 1 / cost so that higher ranks first.
-BASE_MODEL_GB = 24.0
+# Ranking: the expected price of this job on each offer. A job on an unreliable host may have to be
+# redone (we pay twice), a slow link makes the base-model download bill GPU time, dlperf is the speed
+# of the work itself, and bandwidth is billed per GB. Lower cost is better; score = 1 / cost.
+BASE_MODEL_GB = 34.0  # the diffusers subfolders of FLUX.1 (the quote's LORABOT_QUOTE_MODEL_GB)
 TYPICAL_JOB_HOURS = 1.0
 
 
-def explain(offer: Offer) -> dict[str, float]:
+@dataclass(frozen=True)
+class JobPlan:
+    """What one job needs from an offer, apart from its price: hours of work at a 4090's speed
+    (everything but the model download), and GB moved each way (billed at the offer's $/GB)."""
+
+    work_hours: float = TYPICAL_JOB_HOURS
+    download_gb: float = BASE_MODEL_GB  # base model + dataset, into the box
+    model_gb: float = BASE_MODEL_GB  # the part of download_gb fetched at the offer's inet_down
+    upload_gb: float = 0.5  # LoRA, checkpoints, samples and log, out of the box
+
+
+def explain(offer: Offer, plan: JobPlan | None = None) -> dict[str, float]:
     """The parts of an offer's score, for people who ask why it was picked."""
+    p = plan or JobPlan()
     reliability = min(max(offer.reliability, 0.01), 1.0)
-    download_h = (BASE_MODEL_GB * 8000.0 / max(offer.inet_down, 10.0)) / 3600.0
+    download_h = (p.model_gb * 8000.0 / max(offer.inet_down, 10.0)) / 3600.0
     speed = 1.0 if offer.dlperf <= 0 else min(max(offer.dlperf / 60.0, 0.5), 2.0)
-    hours = TYPICAL_JOB_HOURS / speed + download_h
-    expected_cost = offer.dph_total * hours / reliability
+    hours = p.work_hours / speed + download_h
+    bandwidth = p.download_gb * offer.inet_down_cost + p.upload_gb * offer.inet_up_cost
+    expected_cost = (offer.dph_total * hours + bandwidth) / reliability
     return {
         "dph_total": offer.dph_total,
         "reliability_factor": 1.0 / reliability,
         "download_hours": download_h,
         "speed_factor": speed,
+        "hours": hours,
+        "bandwidth_usd": bandwidth,
         "expected_job_cost": expected_cost,
     }
 
 
-def score(offer: Offer) -> float:
-    cost = explain(offer)["expected_job_cost"]
+def score(offer: Offer, plan: JobPlan | None = None) -> float:
+    cost = explain(offer, plan)["expected_job_cost"]
     return 0.0 if cost <= 0 or math.isnan(cost) else 1.0 / cost
 
 
-def rank(offers: list[Offer]) -> list[Offer]:
-    """Best first; ties broken by price, then by id for a stable order."""
+def rank(offers: list[Offer], plan: JobPlan | None = None) -> list[Offer]:
+    """Best first (cheapest expected job); ties broken by price, then by id for a stable order."""
     for offer in offers:
-        offer.score = score(offer)
+        offer.expected_cost = explain(offer, plan)["expected_job_cost"]
+        offer.score = score(offer, plan)
     return sorted(offers, key=lambda o: (-round(o.score, 9), o.dph_total, o.id))
