@@ -20,6 +20,7 @@ from services.quote import Quote, quote
 from services.recipe import FluxRecipe, RecipeError
 from services.settings import Settings
 from services.vastai import Offer, OfferQuery, VastClient, VastError
+from services.vram import check_fits, gpu_vram_gb
 
 DEFAULT_PRESET = "character"
 _SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, asyncio.Semaphore]] = (
@@ -92,6 +93,10 @@ async def draft(
     except RecipeError as exc:
         job = await _fail(store, job, f"bad training settings: {exc}", "user")
         return Draft(job, None, None, None, False, str(exc))
+    too_big = check_fits(recipe, gpu_vram_gb(settings.gpu_name), settings.gpu_name)  # before the dataset work
+    if too_big:
+        job = await _fail(store, job, f"bad training settings: {too_big}", "user")
+        return Draft(job, None, None, None, False, too_big)
 
     work = Path(settings.work_dir) / job.id
     try:
@@ -121,6 +126,10 @@ async def draft(
             job = await _fail(store, job, msg, "no_offers")
             return Draft(job, report, None, None, False, msg)
         offer = offers[0]
+        too_big = check_fits(recipe, gpu_vram_gb(offer.gpu_name, offer.gpu_ram), offer.gpu_name)
+        if too_big:
+            job = await _fail(store, job, f"bad training settings: {too_big}", "user")
+            return Draft(job, report, None, offer, False, too_big)
     dph = offer.dph_total if offer else settings.max_price
     inet = offer.inet_down if offer else settings.min_inet_down or 500.0
     q = quote(recipe, dph_total=dph, inet_down_mbps=inet, dataset_bytes=prepared.manifest.total_bytes,
