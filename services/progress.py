@@ -61,6 +61,7 @@ class NoticeKind(enum.StrEnum):
     RESUMING = "resuming"  # the output folder already held a LoRA: the run resumes (§3)
     REMOVED_SAVE = "removed_save"
     NAN_LOSS = "nan_loss"  # "loss is nan": ai-toolkit swaps in a zero loss and carries on
+    OPTIMIZER_SAVED = "optimizer_saved"  # "Saved optimizer to <dir>/optimizer.pt", after each save
 
 
 # --- events -----------------------------------------------------------------------------------
@@ -622,6 +623,9 @@ class ProgressParser:
                 return
             if s.startswith("Saved checkpoint to"):
                 self._checkpoint(s[len("Saved checkpoint to") :].strip(), out)
+                return
+            if s.startswith("Saved optimizer to"):
+                out.append(Notice(NoticeKind.OPTIMIZER_SAVED, s[len("Saved optimizer to") :].strip()))
                 return
         if c == "#":
             mj = _RUNNING_JOB_RE.match(s)
