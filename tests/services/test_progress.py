@@ -154,6 +154,7 @@ def test_saves_checkpoints_notices_and_samples() -> None:
     events = parse(text.encode(), "j")
     assert of(events, Notice) == [
         Notice(NoticeKind.RESUMING, "#### IMPORTANT RESUMING FROM /o/j/j_000000250.safetensors ####"),
+        Notice(NoticeKind.OPTIMIZER_SAVED, "/o/j/optimizer.pt"),  # backed up with its checkpoint
         Notice(NoticeKind.REMOVED_SAVE, "Removing old save: /o/j/j_000000000.safetensors"),
         Notice(NoticeKind.OOM_SKIPPED, "# OOM during training step, skipping batch 1/3 #"),
     ]
@@ -480,3 +481,97 @@ def test_stand_in_trainer_output(tmp_path: Path, preset: str, fault: str, kind: 
     else:
         assert not outcome.success and outcome.kind is kind, (outcome, stream.decode(errors="replace")[-1500:])
         assert [f.kind for f in of(events, Failure)][:1] == [kind]
+
+
+# --- the real ai-toolkit (issue 16) -----------------------------------------------------------
+@pytest.mark.parametrize(
+    "line",
+    [
+        "Error running job: CUDA error: uncorrectable ECC error encountered",
+        "RuntimeError: CUDA driver version is insufficient for CUDA runtime version",
+        "RuntimeError: No CUDA GPUs are available; no CUDA-capable device is detected",
+        "torch.AcceleratorError: CUDA error: unspecified launch failure",
+        "NVRM: Xid (PCI:0000:01:00): 79, pid=1234, GPU has fallen off the bus.",
+    ],
+)
+def test_host_and_driver_faults(line: str) -> None:
+    p = ProgressParser("j")
+    (fail,) = of(p.feed(TRAINING + line.encode() + b"\n") + p.close(), Failure)
+    assert fail.kind is FailureKind.HOST_FAULT
+    assert classify_exit(1, False, p).kind is FailureKind.HOST_FAULT
+
+
+MISSING_REPO = (
+    b"Error running job: someone/FLUX.1-dvv is not a local folder and is not a valid model identifier listed on "
+    b"'https://huggingface.co/models'\n"
+    b"If this is a private repository, make sure to pass a token having permission to this repo\n"
+    b"Traceback (most recent call last):\n"
+    b"huggingface_hub.errors.RepositoryNotFoundError: 401 Client Error. (Request ID: Root=1-x)\n\n"
+    b"Repository Not Found for url: https://huggingface.co/api/models/someone/FLUX.1-dvv.\n"
+)
+
+
+def test_a_missing_repo_is_not_a_gated_one() -> None:
+    p = ProgressParser("j")
+    (fail,) = of(p.feed(MISSING_REPO) + p.close(), Failure)
+    assert fail.kind is FailureKind.MODEL_NOT_FOUND
+    # the same wrapper with GatedRepoError in the chained traceback: gated after all
+    gated = MISSING_REPO + b"huggingface_hub.errors.GatedRepoError: 403 Client Error.\n"
+    p = ProgressParser("j")
+    (fail,) = of(p.feed(gated) + p.close(), Failure)
+    assert fail.kind is FailureKind.GATED_MODEL
+
+
+def test_schnell_assistant_lora_lines_do_not_flip_the_phase() -> None:
+    data = (
+        b"Loading assistant lora\nFusing in LoRA\n"
+        + TRAINING
+        + b"Unloading assistant lora\nGenerating Images:   0%|          | 0/2 [00:00<?, ?it/s]\r"
+        b"Loading assistant lora\nLoading transformer\n"
+        + TRAINING.replace(b" 7/3000", b" 8/3000")
+    )
+    phases = [e.phase for e in of(parse(data, "j"), PhaseChanged)]
+    assert phases == [Phase.LOADING, Phase.TRAINING, Phase.SAMPLING, Phase.TRAINING]
+
+
+def test_a_handled_traceback_in_a_run_that_saved_its_final_file_is_done() -> None:
+    data = (
+        TRAINING
+        + b"Traceback (most recent call last):\n  File \"data_loader.py\", line 550\n"
+        b"PIL.UnidentifiedImageError: cannot identify image file '/d/bad.png'\n"
+        + b"Saved checkpoint to /o/j/j.safetensors\n"
+    )
+    events = parse(data, "j")
+    assert events[-1] == PhaseChanged(Phase.DONE) and not of(events, Failure)
+    # with "Error running job" after the final save it is a failure of the run, the LoRA still counts
+    late = data + b"Error running job: boom\n"
+    p = ProgressParser("j")
+    events = p.feed(late) + p.close()
+    assert of(events, Failure)[0].kind is FailureKind.UNKNOWN
+    out = classify_exit(1, True, p)
+    assert out.success and out.warning and "after the final save" in out.warning
+
+
+def test_classify_exit_from_the_live_parser_ignores_the_prompts_in_the_config_dump() -> None:
+    """A 40-line tail can start inside the config dump: its prompts would read as log lines."""
+    prompts = b"".join(b'    "prompt %d": "a cat, Job stopped, KeyboardInterrupt",\n' % i for i in range(60))
+    dump = b"{\n" + prompts + b"}\n"
+    data = dump + b"Loading transformer\nError running job: weird\n"
+    p = ProgressParser("j")
+    p.feed(data)
+    tail = p.tail()
+    assert classify_exit(1, False, p).kind is FailureKind.UNKNOWN
+    assert classify_exit(1, False, tail).kind is FailureKind.JOB_STOPPED  # the old way was fooled
+
+
+def test_two_frames_per_step_report_each_step_once_with_its_own_loss() -> None:
+    # ai-toolkit's order: postfix refresh (old count, new loss), then update (new count, same loss)
+    frames = "j:   0%|  | 0/100 [00:00<?, ?it/s]"
+    for k in range(1, 31):
+        frames += f"\rj:   1%|  | {k - 1}/100 [00:{k:02d}<00:10,  1.00s/it, lr: 1.0e-04 loss: {k / 100:.3e}]"
+        frames += f"\rj:   1%|  | {k}/100 [00:{k:02d}<00:10,  1.00s/it, lr: 1.0e-04 loss: {k / 100:.3e}]"
+    frames += f"\rj:  30%|  | 30/100 [00:30<00:10,  1.00s/it, lr: 1.0e-04 loss: {30 / 100:.3e}]\n"
+    for chunk in (None, [5] * 2000, [333] * 40):
+        steps = of(parse(frames.encode(), "j", chunks=chunk, all_steps=True), Step)
+        assert [s.step for s in steps] == list(range(31))
+        assert [s.loss for s in steps[1:]] == [k / 100 for k in range(1, 31)]
