@@ -221,3 +221,19 @@ async def test_oom_in_the_final_sampling_pass_ends_succeeded(mworld: SimWorld, t
     assert job.state == S.SUCCEEDED and job.lora_url, job.reason
     assert "after the final save" in job.measured["trainer_warning"]
     assert mworld.vast.live_instances() == []
+
+
+async def test_a_silent_model_download_gets_the_load_stall_allowance(mworld: SimWorld, tmp_path: Path) -> None:
+    """Images before 2026-06-24 print nothing while the base model downloads: before the first step
+    and without any download bar, silence may last LORABOT_LOAD_STALL_TIMEOUT_S, not the stall timeout."""
+    mworld.box.set_sec_per_step(0.03)
+    mworld.box.set_fault("hang_load")
+    try:
+        t0 = asyncio.get_running_loop().time()
+        job, _ = await run_case(mworld, tmp_path, "none", "none", stall_timeout_s=0.5, load_stall_timeout_s=4.0)
+        took = asyncio.get_running_loop().time() - t0
+    finally:
+        mworld.box.set_fault(None)
+    assert job.state == S.FAILED and job.failure_kind == "stalled", job.reason
+    assert took >= 4.0
+    assert mworld.vast.live_instances() == []

@@ -106,7 +106,9 @@ async def test_happy_path_from_draft_to_link(h: Harness) -> None:
     header_len = int.from_bytes(body[:8], "little")
     assert b"lora" in body[8:8 + header_len]
     steps = [e.step for e in h.recorder.of(Readiness)]  # type: ignore[attr-defined]
-    for expected in ("renting", "rented", "api", "tcp", "auth", "probe", "uploading", "uploaded", "launched"):
+    # "downloading": the base model's download bars are passed on
+    for expected in ("renting", "rented", "api", "tcp", "auth", "probe", "uploading", "uploaded", "launched",
+                     "downloading"):
         assert expected in steps, (expected, steps)
     assert h.recorder.of(Progress) and h.recorder.of(SampleImage)
     (finished,) = h.recorder.of(Finished)

@@ -17,7 +17,9 @@ Knobs (environment, or a `sim_fault` / `sim_sec_per_step` file next to this scri
                              ignore_sigint, ignore_sigterm, exception@stepN (a plain Python error),
                              nan@stepN ("loss is nan" every step from N, loss shown as 0),
                              oom_final (CUDA OOM in the final sampling pass, after the final save),
-                             host_fault@stepN (uncorrectable ECC error), repo_missing (no such repo)
+                             host_fault@stepN (uncorrectable ECC error), repo_missing (no such repo),
+                             hang_load (silent forever after "Loading transformer", like an old image
+                             downloading the base model), quiet_download (no download bars)
 
 The console output follows the real trainer (issue 16, reviews/ai-toolkit.md S3-1): the training bar
 is a tqdm bar with smoothing 0.7 whose pause/unpause around saves and samples makes the next rate
@@ -290,6 +292,20 @@ class Bar:
         sys.stderr.flush()
 
 
+def hf_download_bars() -> None:
+    """huggingface_hub's bars, shown in non-TTY logs since d586125b (2026-06-24): decimal units."""
+    files = ("diffusion_pytorch_model-00001-of-00003.safetensors", "diffusion_pytorch_model-00002-of-00003.safetensors")
+    sys.stderr.write("\rFetching %d files:   0%%|          | 0/%d [00:00<?, ?it/s]" % (len(files), len(files)))
+    for name in files:
+        for pct, done in ((0, "0.00"), (45, "4.49G"), (100, "9.98G")):
+            filled = "#" * (pct // 10)
+            sys.stderr.write("\r%s: %3d%%|%-10s| %s/9.98G [00:%02d<00:%02d, 243MB/s]" % (
+                name, pct, filled, done if pct else "0.00", pct // 5, (100 - pct) // 5))
+        sys.stderr.write("\n")
+    sys.stderr.write("\rLoading checkpoint shards: 100%|##########| 3/3 [00:01<00:00,  2.71it/s]\n")
+    sys.stderr.flush()
+
+
 def hang() -> None:
     while True:
         time.sleep(3600)
@@ -395,6 +411,10 @@ def run_job(config: dict) -> None:
             "which 98.81 MiB is free. Process 4242 has 12.97 GiB memory in use.",
             "torch.OutOfMemoryError",
         )
+    if "hang_load" in FAULTS:
+        hang()
+    if "quiet_download" not in FAULTS:
+        hf_download_bars()
     sleep = min(0.05, SEC_PER_STEP)
     for line in ("Quantizing transformer", "Loading VAE", "Loading T5", "Quantizing T5", "Loading CLIP",
                  "Making pipe", "Preparing Model"):
