@@ -392,7 +392,20 @@ def run_job(config: dict) -> None:
     if model.get("assistant_lora_path"):
         out("Grabbing lora from the hub: %s" % model["assistant_lora_path"])
     out("Loading transformer")
-    if model_path.startswith("black-forest-labs/") and ("gated" in FAULTS or not os.environ.get("HF_TOKEN")):
+    if model_path.startswith("black-forest-labs/") and "gated" in FAULTS and os.environ.get("HF_TOKEN"):
+        # a valid token whose licence is not accepted: 403, and diffusers wraps it; GatedRepoError
+        # shows only in the chained traceback
+        url = "https://huggingface.co/%s/resolve/main/transformer/config.json" % model_path
+        raise JobError(
+            "%s is not a local folder and is not a valid model identifier listed on 'https://huggingface.co/models'"
+            "\nIf this is a private repository, make sure to pass a token having permission to this repo either by "
+            "logging in with `hf auth login` or by passing `token=<your_token>`" % model_path,
+            "OSError",
+            "huggingface_hub.errors.GatedRepoError: 403 Client Error. (Request ID: Root=1-sim)\n\nCannot access "
+            "gated repo for url %s.\nAccess to model %s is restricted and you are not in the authorized list. "
+            "Visit https://huggingface.co/%s to ask for access." % (url, model_path, model_path),
+        )
+    if model_path.startswith("black-forest-labs/") and not os.environ.get("HF_TOKEN"):
         url = "https://huggingface.co/%s/resolve/main/transformer/config.json" % model_path
         raise JobError(
             "401 Client Error. (Request ID: Root=1-sim)\n\nCannot access gated repo for url %s.\n"
@@ -617,6 +630,11 @@ def main(argv: list) -> int:
         sys.stderr.write("\n")
         out("Error running job: %s" % message)
         banner_failure(exc)
+        if isinstance(exc, JobError) and len(exc.args) > 2:
+            sys.stdout.write("Traceback (most recent call last):\n  File \"huggingface_hub/utils/_http.py\", "
+                             "line 409, in hf_raise_for_status\n")
+            out(exc.args[2])
+            out("\nThe above exception was the direct cause of the following exception:\n")
         sys.stdout.write("Traceback (most recent call last):\n  File \"run.py\", line 90, in <module>\n")
         out("%s: %s" % (kind, message))
         return 1
