@@ -8,10 +8,13 @@ and `\\n`; a partial line is kept until its end arrives; invalid UTF-8 is replac
 Chunk boundaries never change the events: only whole lines are decoded, and a line always starts after
 an ASCII separator, where UTF-8 decoding is self-synchronising.
 
-Failure policy: the first *specific* failure (CUDA OOM, gated model, disk full, no images, job stopped)
-is emitted as soon as its line is seen; "Error running job: X" with an unrecognised X and an uncaught
+Failure policy: the first *specific* failure (CUDA OOM, gated model, host fault, disk full, no images,
+job stopped, a NaN streak) is emitted as soon as its line is seen; a missing repo ("Repository Not
+Found", diffusers' "is not a valid model identifier") is held back, since GatedRepoError subclasses it
+and its chained traceback comes later; "Error running job: X" with an unrecognised X and an uncaught
 traceback are held back and emitted by close() as `unknown` only if nothing more specific followed
-(GatedRepoError's message spans several lines, the first of which says only "401 Client Error").
+and the run did not save its final LoRA. Text glued after a frame's closing `]` (a message printed
+while tqdm's frame had no newline yet) is read as its own line.
 
 Speed matters (a chatty run prints a tqdm redraw per step): events are slotted dataclasses and the
 per-line path for progress bars is a couple of string searches and one regex match.
