@@ -567,6 +567,16 @@ class Pipeline:
         if parser is not None and parser.failure is not None and parser.failure.kind is prog.FailureKind.NAN_LOSS:
             await stop_and_fail("nan_loss", f"training diverged: {parser.failure.line}: stopped")
         stall = self.s.stall_timeout_s
+        if (parser is not None and parser.failure is not None and parser.failure.kind is prog.FailureKind.HOST_FAULT
+                and silent_s > min(60.0, stall / 3)):
+            # a broken GPU can leave the trainer hung instead of exiting: the machine's fault, so the
+            # job gets its retry on another machine rather than waiting out the stall timer
+            try:
+                await self._remote_call(job, "stop", lambda r: r.stop())
+            except (SSHError, JobFailure) as exc:
+                log.info("job %s: stop after a host fault failed: %s", job.id, exc)
+            raise InfraFailure("host_fault", f"training failed: {parser.failure.line}",
+                               last_lines=self._redact("\n".join(parser.tail())[-1500:]))
         if parser is not None and parser.step is None and not self._saw_download:
             # older images print nothing while the base model downloads (before 2026-06-24)
             stall = max(stall, self.s.load_stall_timeout_s)

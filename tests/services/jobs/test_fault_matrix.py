@@ -211,6 +211,21 @@ async def test_host_fault_gets_the_infra_retry_elsewhere(mworld: SimWorld, tmp_p
     assert mworld.vast.live_instances() == []
 
 
+async def test_a_trainer_hung_after_a_host_fault_is_retried_without_waiting_for_the_stall(
+    mworld: SimWorld, tmp_path: Path
+) -> None:
+    mworld.box.set_sec_per_step(0.03)
+    mworld.box.set_fault("host_hang@step3")
+    try:
+        job, _ = await run_case(mworld, tmp_path, "none", "none", stall_timeout_s=30.0)
+    finally:
+        mworld.box.set_fault(None)
+    # stopped within a third of the stall timeout, twice (the fault follows the job to the retry box)
+    assert job.state == S.FAILED and job.failure_kind == "host_fault", job.reason
+    assert job.attempt == 2
+    assert mworld.vast.live_instances() == []
+
+
 async def test_oom_in_the_final_sampling_pass_ends_succeeded(mworld: SimWorld, tmp_path: Path) -> None:
     mworld.box.set_sec_per_step(0.03)
     mworld.box.set_fault("oom_final")

@@ -17,7 +17,8 @@ Knobs (environment, or a `sim_fault` / `sim_sec_per_step` file next to this scri
                              ignore_sigint, ignore_sigterm, exception@stepN (a plain Python error),
                              nan@stepN ("loss is nan" every step from N, loss shown as 0),
                              oom_final (CUDA OOM in the final sampling pass, after the final save),
-                             host_fault@stepN (uncorrectable ECC error), repo_missing (no such repo),
+                             host_fault@stepN (uncorrectable ECC error), host_hang@stepN (the same
+                             error printed, then hung), repo_missing (no such repo),
                              hang_load (silent forever after "Loading transformer", like an old image
                              downloading the base model), quiet_download (no download bars)
 
@@ -557,6 +558,10 @@ def run_job(config: dict) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if FAULTS.get("exception") is not None and step_no >= FAULTS["exception"]:
             raise RuntimeError("sim: exception in training step %d" % step_no)
+        if FAULTS.get("host_hang") is not None and step_no >= FAULTS["host_hang"]:
+            out("")
+            out("RuntimeError: CUDA error: uncorrectable ECC error encountered")
+            hang()
         if FAULTS.get("host_fault") is not None and step_no >= FAULTS["host_fault"]:
             raise JobError("CUDA error: uncorrectable ECC error encountered\nCUDA kernel errors might be "
                            "asynchronously reported at some other API call", "torch.AcceleratorError")
