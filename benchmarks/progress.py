@@ -3,8 +3,9 @@
     python benchmarks/progress.py [--steps N] [--chunk BYTES] [--goal MBPS]
 
 The stream mimics a real FLUX run (reference/ai-toolkit.md §4): start-up banner and config dump,
-HF download bars, loading/quantizing, latent caching, baseline samples, a tqdm redraw (`\\r`) per
-training step with lr/loss, periodic saves and samples, the final save. Exit status 1 below the goal.
+HF download bars, loading/quantizing, latent caching, baseline samples, two tqdm redraws (`\\r`) per
+training step with lr/loss (as ai-toolkit draws them), periodic saves and samples, the final save.
+Exit status 1 below the goal.
 `generate_stream` is also used by tests/services/test_progress.py.
 """
 
@@ -73,7 +74,10 @@ def generate_stream(
     w("\r" + f"{job}:   0%|          | 0/{steps} [00:00<?, ?it/s]")
     for step in range(1, steps + 1):
         loss = 0.3 + (step % 97) / 1000
-        w("\r" + _bar(job, step, steps, "1.62s/it", f", lr: 1.0e-04 loss: {loss:.3e}"))
+        # two frames per step, as ai-toolkit draws them: set_postfix_str redraws the old count with
+        # the new loss, then update() draws the new count
+        w("\r" + _bar(job, step - 1, steps, " 1.62s/it", f", lr: 1.0e-04 loss: {loss:.3e}"))
+        w("\r" + _bar(job, step, steps, " 1.62s/it", f", lr: 1.0e-04 loss: {loss:.3e}"))
         if step < steps and step % save_every == 0:
             w(f"\nSaving at step {step}\n")
             w(f"Saved checkpoint to {out}/{job}/{job}_{step:09d}.safetensors\n")

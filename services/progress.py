@@ -8,10 +8,13 @@ and `\\n`; a partial line is kept until its end arrives; invalid UTF-8 is replac
 Chunk boundaries never change the events: only whole lines are decoded, and a line always starts after
 an ASCII separator, where UTF-8 decoding is self-synchronising.
 
-Failure policy: the first *specific* failure (CUDA OOM, gated model, disk full, no images, job stopped)
-is emitted as soon as its line is seen; "Error running job: X" with an unrecognised X and an uncaught
+Failure policy: the first *specific* failure (CUDA OOM, gated model, host fault, disk full, no images,
+job stopped, a NaN streak) is emitted as soon as its line is seen; a missing repo ("Repository Not
+Found", diffusers' "is not a valid model identifier") is held back, since GatedRepoError subclasses it
+and its chained traceback comes later; "Error running job: X" with an unrecognised X and an uncaught
 traceback are held back and emitted by close() as `unknown` only if nothing more specific followed
-(GatedRepoError's message spans several lines, the first of which says only "401 Client Error").
+and the run did not save its final LoRA. Text glued after a frame's closing `]` (a message printed
+while tqdm's frame had no newline yet) is read as its own line.
 
 Speed matters (a chatty run prints a tqdm redraw per step): events are slotted dataclasses and the
 per-line path for progress bars is a couple of string searches and one regex match.
@@ -44,6 +47,9 @@ class Phase(enum.StrEnum):
 class FailureKind(enum.StrEnum):
     CUDA_OOM = "cuda_oom"
     GATED_MODEL = "gated_model"  # gated repo, missing/invalid HF token, licence not accepted
+    MODEL_NOT_FOUND = "model_not_found"  # the repo does not exist (typo), without a GatedRepoError
+    HOST_FAULT = "host_fault"  # the rented GPU or its driver is broken: worth a retry elsewhere
+    NAN_LOSS = "nan_loss"  # `loss is nan` K steps in a row: the LoRA is ruined, stop paying
     DISK_FULL = "disk_full"
     NO_IMAGES = "no_images"
     JOB_STOPPED = "job_stopped"  # SIGINT banner, "Job stopped", or killed by a stop signal
@@ -57,6 +63,8 @@ class NoticeKind(enum.StrEnum):
     LOW_DISK = "low_disk"  # huggingface_hub's "Not enough free disk space" warning
     RESUMING = "resuming"  # the output folder already held a LoRA: the run resumes (§3)
     REMOVED_SAVE = "removed_save"
+    NAN_LOSS = "nan_loss"  # "loss is nan": ai-toolkit swaps in a zero loss and carries on
+    OPTIMIZER_SAVED = "optimizer_saved"  # "Saved optimizer to <dir>/optimizer.pt", after each save
 
 
 # --- events -----------------------------------------------------------------------------------
@@ -70,10 +78,13 @@ class PhaseChanged:
 class Step:
     step: int
     total: int
-    sec_per_it: float | None  # tqdm prints it/s above 1 it/s; converted here
+    # measured from tqdm's elapsed field over a window of steps (pauses excluded), never the smoothed
+    # rate of one frame, which spikes after every save and sample pause (issue #818: 365.80it/s)
+    sec_per_it: float | None
     lr: float | None
-    loss: float | None
-    eta_s: float | None  # (total - step) * sec_per_it
+    loss: float | None  # this step's own loss (the first frame that shows the count)
+    eta_s: float | None  # (total - step) * sec_per_it: training steps only
+    elapsed_s: float | None = None  # tqdm's elapsed field
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,26 +142,36 @@ def event_to_dict(event: ProgressEvent) -> dict[str, Any]:
 
 # --- patterns ---------------------------------------------------------------------------------
 # The reference's bar pattern, plus tqdm's first frame ("0/3000 [00:00<?, ?it/s]").
-_STEP_RE = re.compile(  # groups: step, (unused), total, rate, unit, lr, loss
-    r"(\d+)()/(\d+) \[[\d:]+<[\d:?]+,\s*(?:([\d.]+)(s/it|it/s)|\?it/s)(?:, lr: (\S+) loss: ([^\s\]]+))?"
+_STEP_RE = re.compile(  # groups: step, elapsed, total, rate, unit, lr, loss
+    r"(\d+)/(\d+) \[([\d:]+)<[\d:?]+,\s*(?:([\d.]+)(s/it|it/s)|\?it/s)(?:, lr: (\S+) loss: ([^\s\]]+))?"
 )
 # huggingface_hub download bars: unit_scale bytes, e.g. "4.49G/9.95G [00:41<00:50, 109MB/s]"
 _DL_RE = re.compile(r"([\d.]+)([kMGTP]?)B?/([\d.]+)([kMGTP]?)B? \[[\d:]+<[\d:?]+,\s*(?:([\d.]+)([kMGTP]?)B/s)?")
 _UNIT = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}  # tqdm divisor 1000
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _FAIL_RE = re.compile(
-    r"(?P<cuda_oom>CUDA out of memory|OutOfMemoryError|OOM during training step \d+ times in a row)"
+    r"(?P<cuda_oom>CUDA out of memory|OutOfMemoryError|OOM during training step \d+ times in a row"
+    r"|CUDA error: out of memory|cudaErrorMemoryAllocation)"
+    # a bare "401 Client Error" is also what a missing repo gives an anonymous request: not gated
     r"|(?P<gated_model>GatedRepoError|Cannot access gated repo|is restricted\. You must have access"
-    r"|does not appear to have a file named config\.json|401 Client Error)"
+    r"|does not appear to have a file named config\.json)"
+    r"|(?P<host_fault>uncorrectable ECC error|CUDA driver version is insufficient|no CUDA-capable device"
+    r"|unspecified launch failure|\bXid\b|CUDA error: an illegal memory access|GPU is lost)"
     r"|(?P<disk_full>No space left on device|os error 28|Errno 28\b|StorageFull)"
     r"|(?P<no_images>no images found in)"
     r"|(?P<job_stopped>Job stopped|KeyboardInterrupt)"
 )
+# held until close: GatedRepoError subclasses RepositoryNotFoundError, and its chained traceback (later
+# lines) names it when the repo really is gated
+_NOT_FOUND_RE = re.compile(r"Repository Not Found|is not a valid model identifier|RepositoryNotFoundError")
+_NAN_LINE = "loss is nan"
 _EXC_LINE_RE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)\b")
 _RUNNING_JOB_RE = re.compile(r"^#\s*Running job:\s*(\S+)")
 _CKPT_STEP_RE = re.compile(r"_(\d{9})\.safetensors$")
 _SAMPLE_RE = re.compile(r"(\S*samples/(\d+)__(\d{9})_(\d+)\.(?:jpg|jpeg|png|webp))")
 
+# Schnell's adapter is unloaded before and loaded after every sample round: not a loading phase
+_NOT_A_PHASE = ("assistant lora", "inference lora")
 # Line prefixes (after strip) that start a phase. Order matters only for shared prefixes.
 _PHASE_PREFIXES: tuple[tuple[str, Phase], ...] = (
     ("Quantizing", Phase.QUANTIZING),
@@ -167,6 +188,8 @@ _PHASE_PREFIXES: tuple[tuple[str, Phase], ...] = (
     ("Downloading", Phase.DOWNLOADING),
 )
 _PHASE_FIRST_CHARS = frozenset(p[0] for p, _ in _PHASE_PREFIXES)
+_LOAD_PHASES = frozenset({Phase.LOADING, Phase.QUANTIZING, Phase.DOWNLOADING})
+LOSS_WINDOW = 20  # steps in the reported moving-average loss
 
 MAX_LINE_CHARS = 16_384  # longer lines are cut; a line without a separator cannot grow memory
 
@@ -193,8 +216,8 @@ def step_stride(total: int) -> int:
 
 
 # Frames whose step ends in the stride's digits, found by a literal-prefixed scan over bytes (fast);
-# the step's other digits are read backwards from the match. Groups: total, rate, unit, lr, loss.
-_STEP_TAIL = rb"/(\d+) \[[\d:]+<[\d:?]+,\s*(?:([\d.]+)(s/it|it/s)|\?it/s)(?:, lr: (\S+) loss: ([^\s\]]+))?"
+# the step's other digits are read backwards from the match. Groups: total, elapsed, rate, unit, lr, loss.
+_STEP_TAIL = rb"/(\d+) \[([\d:]+)<[\d:?]+,\s*(?:([\d.]+)(s/it|it/s)|\?it/s)(?:, lr: (\S+) loss: ([^\s\]]+))?"
 _STRIDE_RE: dict[int, re.Pattern[bytes]] = {
     1: re.compile(rb"\d" + _STEP_TAIL),
     5: re.compile(rb"[05]" + _STEP_TAIL),
@@ -203,21 +226,19 @@ _STRIDE_RE: dict[int, re.Pattern[bytes]] = {
 }
 
 
-def _make_step(
-    step: int, total: int, rate: str | bytes | None, unit: str | bytes | None, lr: Any, loss: Any
-) -> Step:
-    spi: float | None = None
-    if rate is not None:
-        r = float(rate)
-        spi = r if unit in ("s/it", b"s/it") else (1.0 / r if r > 0 else None)
-    return Step(
-        step,
-        total,
-        spi,
-        _float(lr) if lr is not None else None,
-        _float(loss) if loss is not None else None,
-        (total - step) * spi if spi is not None else None,
-    )
+# text glued after a frame's closing "]": tqdm ends frames with \r, so a message printed during
+# training (stderr merged into stdout) lands on the frame's line (issue #544: "...e+00]loss is nan")
+_GLUED_RE = re.compile(rb"\][^\n]")
+SPEED_WINDOW_STEPS = 10  # s/it from two frames at least this many steps apart ...
+SPEED_WINDOW_S = 10.0  # ... and this many seconds of tqdm's elapsed (its resolution is 1 s)
+
+
+def _elapsed(text: str | bytes) -> float:
+    """tqdm's elapsed field, "MM:SS" or "H:MM:SS" (hours may exceed 24)."""
+    secs = 0
+    for part in text.split(b":" if isinstance(text, bytes) else ":"):  # type: ignore[arg-type]
+        secs = secs * 60 + int(part)
+    return float(secs)
 
 
 class ProgressParser:
@@ -226,12 +247,20 @@ class ProgressParser:
 
     Step events, for a run of consecutive training-bar frames: the first frame after another phase,
     every frame whose step is a positive multiple of `step_stride(total)`, and the last frame before
-    any other line (or the end). `all_steps=True` reports every frame. A frame equal to the last
-    reported one is not repeated. The rule depends only on the stream's content, so any chunking
-    yields the same events. `step`/`total`/`sec_per_it` follow the latest frame read.
+    any other line (or the end). `all_steps=True` reports every frame. ai-toolkit draws two frames
+    per optimizer step (a postfix refresh that still shows the old count with the next step's loss,
+    then the count update), an opening `0/N` frame and a repeated close frame: a step is reported
+    once, from the first frame that shows its count, which carries that step's own loss. The rule
+    depends only on the stream's content, so any chunking yields the same events.
+    `step`/`total`/`sec_per_it` follow the latest frame read.
+
+    `nan_limit` > 0: that many `loss is nan` lines in a row (no step with a real loss between) end
+    in Failure(nan_loss); each one is a Notice(nan_loss) first.
     """
 
-    def __init__(self, job_name: str | None = None, *, tail_lines: int = 40, all_steps: bool = False) -> None:
+    def __init__(
+        self, job_name: str | None = None, *, tail_lines: int = 40, all_steps: bool = False, nan_limit: int = 0
+    ) -> None:
         self.job_name: str | None = None
         self.all_steps = all_steps
         self.phase: Phase | None = None
@@ -253,6 +282,12 @@ class ProgressParser:
         self._unknown: str | None = None  # held-back "Error running job: ..." line
         self._exc_line: str | None = None  # last exception line of an uncaught traceback
         self._in_traceback = False
+        self._not_found: str | None = None  # held-back "Repository Not Found" line
+        self._trained = False  # a training frame was seen: "Loading ..." no longer starts a phase
+        self._speed: deque[tuple[int, float]] = deque(maxlen=64)  # (step, elapsed) of parsed frames
+        self.nan_limit = nan_limit
+        self.nan_streak = 0  # "loss is nan" lines since the last step with a real loss
+        self.losses: deque[float] = deque(maxlen=LOSS_WINDOW)  # losses of the steps reported
         if job_name:
             self._set_job(job_name)
 
@@ -291,12 +326,20 @@ class ProgressParser:
         self._closed = True
         if self.failure is None:
             line = self._unknown or self._exc_line
-            if line is not None:
-                self._fail(FailureKind.UNKNOWN, line, out)
-            elif self.final_checkpoint is not None:
+            if self._not_found is not None:
+                self._fail(FailureKind.MODEL_NOT_FOUND, self._not_found, out)
+            elif self.final_checkpoint is not None and self._unknown is None:
+                # a handled traceback (an unreadable image skipped, a retried download) in a run that
+                # saved its final LoRA and never said "Error running job" is not a failure
                 self.phase = Phase.DONE
                 out.append(PhaseChanged(Phase.DONE))
+            elif line is not None:
+                self._fail(FailureKind.UNKNOWN, line, out)
         return out
+
+    def smoothed_loss(self) -> float | None:
+        """The mean loss of the last reported steps: one flow-matching step's loss is very noisy."""
+        return sum(self.losses) / len(self.losses) if self.losses else None
 
     def tail(self) -> list[str]:
         """The last lines as a terminal would show them (bar redraws collapsed)."""
@@ -325,7 +368,7 @@ class ProgressParser:
             run_re = self._run_re
             if run_re is not None and not self._in_json and buf.startswith(self._job_prefix, pos):
                 m = run_re.match(buf, pos)
-                if m is not None:
+                if m is not None and _GLUED_RE.search(buf, pos, m.end()) is None:
                     end = m.end()
                     self._run(buf, pos, end, out)
                     pos = end
@@ -347,8 +390,7 @@ class ProgressParser:
         last = buf[start:first_end]
         if le > first_end:
             last = buf[buf.rfind(b"\n", start, le) + 1 : le]
-            held = self._held
-            total = held.total if held is not None else 0
+            total = self.total or 0
             stride = 1 if self.all_steps else step_stride(total)
             for m in _STRIDE_RE[stride].finditer(buf, first_end, le):
                 i = m.start() + (stride == 100)  # index of the step's last digit
@@ -361,8 +403,18 @@ class ProgressParser:
                 step = int(digits)
                 if step == 0 or step % stride:
                     continue
-                self._emit(_make_step(step, int(m.group(1)), m.group(2), m.group(3), m.group(4), m.group(5)), out)
-            self._hold(last.decode("utf-8", "replace"))
+                self._emit(self._make_step(step, int(m.group(1)), m.group(2), m.group(3), m.group(4),
+                                           m.group(5), m.group(6)), out)
+            st = self._parse_frame(last.decode("utf-8", "replace"))
+            prev_end = buf.rfind(b"\n", start, le)
+            if st is not None and prev_end > first_end:
+                # the run may end with the second frame of a step: hold the first, it has the step's loss
+                prev_line = buf[buf.rfind(b"\n", start, prev_end) + 1 : prev_end]
+                prev = self._parse_frame(prev_line.decode("utf-8", "replace"))
+                if prev is not None and prev.step == st.step:
+                    st = prev
+            if st is not None:
+                self._hold_step(st)
         line = last.decode("utf-8", "replace")
         if self._tail_bar:
             self._tail[-1] = line
@@ -377,12 +429,18 @@ class ProgressParser:
             line = _ANSI_RE.sub("", line)
         p = line.find("%|")
         if p >= 0 and not self._in_json:
+            rest = ""
+            q = line.find("]", p)
+            if 0 <= q < len(line) - 1:
+                line, rest = line[: q + 1], line[q + 1 :]
             if self._tail_bar:
                 self._tail[-1] = line
             else:
                 self._tail.append(line)
                 self._tail_bar = True
             self._bar(line, p, out)
+            if rest:
+                self._line(rest, out)
             return
         self._flush_held(out)
         self._tail_bar = False
@@ -399,10 +457,31 @@ class ProgressParser:
         m = _STEP_RE.search(line)
         if m is None:
             return None
-        return _make_step(int(m.group(1)), int(m.group(3)), m.group(4), m.group(5), m.group(6), m.group(7))
+        return self._make_step(int(m.group(1)), int(m.group(2)), m.group(3), m.group(4), m.group(5), m.group(6),
+                               m.group(7))
+
+    def _make_step(
+        self, step: int, total: int, elapsed: str | bytes, rate: str | bytes | None, unit: str | bytes | None,
+        lr: Any, loss: Any,
+    ) -> Step:
+        el = _elapsed(elapsed)
+        spi: float | None = None
+        if rate is not None:  # the frame's own smoothed rate; _report replaces it with a measured one
+            r = float(rate)
+            spi = r if unit in ("s/it", b"s/it") else (1.0 / r if r > 0 else None)
+        return Step(
+            step,
+            total,
+            spi,
+            _float(lr) if lr is not None else None,
+            _float(loss) if loss is not None else None,
+            (total - step) * spi if spi is not None else None,
+            el,
+        )
 
     def _frame(self, line: str, out: list[ProgressEvent]) -> None:
         """One training frame under the full rule."""
+        self._trained = True
         st = self._parse_frame(line)
         if self.phase is not Phase.TRAINING:
             self._set_phase(Phase.TRAINING, self.job_name or "", out)
@@ -417,30 +496,59 @@ class ProgressParser:
         else:
             self._hold_step(st)
 
-    def _hold(self, line: str) -> None:
-        st = self._parse_frame(line)
-        if st is not None:
-            self._hold_step(st)
-
     def _hold_step(self, st: Step) -> None:
-        self._held = st
+        held, last = self._held, self._last_step
         self.step, self.total = st.step, st.total
-        if st.sec_per_it is not None:
+        if self.sec_per_it is None:
             self.sec_per_it = st.sec_per_it
+        if (held is not None and held.step == st.step) or (last is not None and last.step == st.step):
+            return  # a later frame of a step already held or reported: it shows the next step's loss
+        self._held = st
+        if st.loss:  # a real loss (ai-toolkit shows 0.000e+00 for a NaN step)
+            self.nan_streak = 0
 
     def _emit(self, st: Step, out: list[ProgressEvent]) -> None:
         self._hold_step(st)
-        if st != self._last_step:
+        held = self._held
+        if held is not None and held.step == st.step:
+            self._held = None
+            self._report(held, out)
+
+    def _report(self, st: Step, out: list[ProgressEvent]) -> None:
+        last = self._last_step
+        if last is None or last.step != st.step:
+            st = self._measured(st)
             self._last_step = st
+            if st.loss is not None:
+                self.losses.append(st.loss)
+            if st.sec_per_it is not None:
+                self.sec_per_it = st.sec_per_it
             out.append(st)
+
+    def _measured(self, st: Step) -> Step:
+        """s/it from the elapsed field of reported steps (a chunking-independent window): the
+        widest window of >= SPEED_WINDOW_STEPS steps and SPEED_WINDOW_S seconds; the frame's own
+        rate only before there is one."""
+        el = st.elapsed_s
+        if el is None:
+            return st
+        speed = self._speed
+        if speed and st.step <= speed[-1][0]:
+            speed.clear()  # a new bar (a resumed run): its elapsed restarts
+        speed.append((st.step, el))
+        for s0, e0 in speed:  # oldest first
+            if st.step - s0 < SPEED_WINDOW_STEPS:
+                break
+            if el - e0 >= SPEED_WINDOW_S:
+                spi = (el - e0) / (st.step - s0)
+                return Step(st.step, st.total, spi, st.lr, st.loss, (st.total - st.step) * spi, el)
+        return st
 
     def _flush_held(self, out: list[ProgressEvent]) -> None:
         held = self._held
         if held is not None:
             self._held = None
-            if held != self._last_step:
-                self._last_step = held
-                out.append(held)
+            self._report(held, out)
 
     def _bar(self, line: str, p: int, out: list[ProgressEvent]) -> None:
         colon = line.rfind(":", 0, p)
@@ -480,6 +588,12 @@ class ProgressParser:
         s = line.strip()
         if not s:
             return
+        if s == _NAN_LINE or s.startswith(_NAN_LINE):
+            self.nan_streak += 1
+            out.append(Notice(NoticeKind.NAN_LOSS, s))
+            if self.nan_limit and self.nan_streak >= self.nan_limit:
+                self._fail(FailureKind.NAN_LOSS, f"{s} ({self.nan_streak} steps in a row)", out)
+            return
         # notices first: the OOM-skip banner must not read as a fatal OOM
         if "OOM during training step, skipping" in s:
             out.append(Notice(NoticeKind.OOM_SKIPPED, s))
@@ -490,6 +604,9 @@ class ProgressParser:
         m = _FAIL_RE.search(s)
         if m is not None:
             self._fail(FailureKind(m.lastgroup or "unknown"), s, out)
+            return
+        if self._not_found is None and _NOT_FOUND_RE.search(s) is not None:
+            self._not_found = s
             return
         c = s[0]
         if c == "E" and s.startswith("Error running job:"):
@@ -510,6 +627,9 @@ class ProgressParser:
             if s.startswith("Saved checkpoint to"):
                 self._checkpoint(s[len("Saved checkpoint to") :].strip(), out)
                 return
+            if s.startswith("Saved optimizer to"):
+                out.append(Notice(NoticeKind.OPTIMIZER_SAVED, s[len("Saved optimizer to") :].strip()))
+                return
         if c == "#":
             mj = _RUNNING_JOB_RE.match(s)
             if mj is not None:
@@ -525,6 +645,8 @@ class ProgressParser:
         if c in _PHASE_FIRST_CHARS:
             for prefix, phase in _PHASE_PREFIXES:
                 if s.startswith(prefix):
+                    if phase in _LOAD_PHASES and (self._trained or s.endswith(_NOT_A_PHASE)):
+                        return  # Schnell's assistant LoRA around sample rounds; model loading is over
                     self._set_phase(phase, s, out)
                     return
         if "__" in s and "samples" in s:
@@ -622,24 +744,44 @@ class Outcome(BaseModel):
     reason: str
     line: str | None = None
     exit_code: int | None = None
+    warning: str | None = None  # success despite a late error: what went wrong after the final save
 
 
 _SIGNAL_STOP = {130, -2, 143, -15}  # SIGINT / SIGTERM: a stop we (or someone) asked for
 _SIGNAL_KILL = {137, -9}
 
 
-def classify_exit(exit_code: int | None, final_lora_exists: bool, log_tail: str | Sequence[str]) -> Outcome:
-    """§4: success = exit 0 AND the final `<name>.safetensors` exists AND no "Job stopped" banner
-    (current ai-toolkit exits 0 after SIGINT). Otherwise the failure class from the log, then from
-    the exit code."""
-    text = log_tail if isinstance(log_tail, str) else "\n".join(log_tail)
-    parser = ProgressParser()
-    parser.feed(text.encode("utf-8", "replace"))
-    parser.close()
+def classify_exit(
+    exit_code: int | None, final_lora_exists: bool, log: ProgressParser | str | Sequence[str]
+) -> Outcome:
+    """§4: success = the final `<name>.safetensors` exists, no "Job stopped" banner (current
+    ai-toolkit exits 0 after SIGINT), and either exit 0 or the final `Saved checkpoint to` line was
+    seen: the final sampling pass runs after the final save, and an error there (OOM, a host fault)
+    leaves a complete LoRA, passed on with a warning. Otherwise the failure class from the log, then
+    from the exit code.
+
+    `log` is the live parser that read the whole run (closed here if it is not yet): its state is
+    the truth. A text is parsed afresh, which is only right for a whole log: a tail can start inside
+    the config dump, whose prompts would read as log lines."""
+    if isinstance(log, ProgressParser):
+        parser = log
+    else:
+        parser = ProgressParser()
+        parser.feed((log if isinstance(log, str) else "\n".join(log)).encode("utf-8", "replace"))
+    if not parser._closed:
+        parser.close()
     failure = parser.failure
-    stopped = failure is not None and failure.kind is FailureKind.JOB_STOPPED
-    if exit_code == 0 and final_lora_exists and not stopped:
-        return Outcome(success=True, reason="training finished and the final LoRA exists", exit_code=0)
+    stopped = (failure is not None and failure.kind is FailureKind.JOB_STOPPED) or exit_code in _SIGNAL_STOP
+    if final_lora_exists and not stopped:
+        if exit_code == 0:
+            return Outcome(success=True, reason="training finished and the final LoRA exists", exit_code=0)
+        if parser.final_checkpoint is not None:
+            late = _REASONS[failure.kind] if failure is not None else f"the trainer exited with code {exit_code}"
+            return Outcome(
+                success=True, reason="the final LoRA was saved before the trainer failed", exit_code=exit_code,
+                line=failure.line if failure is not None else None,
+                warning=f"after the final save: {late}; the LoRA is complete",
+            )
     if failure is not None and failure.kind is not FailureKind.UNKNOWN:
         return Outcome(
             success=False, kind=failure.kind, reason=_REASONS[failure.kind], line=failure.line, exit_code=exit_code
@@ -663,6 +805,9 @@ def classify_exit(exit_code: int | None, final_lora_exists: bool, log_tail: str 
 _REASONS: dict[FailureKind, str] = {
     FailureKind.CUDA_OOM: "the GPU ran out of memory",
     FailureKind.GATED_MODEL: "the base model is gated: the HF token is missing or its licence is not accepted",
+    FailureKind.MODEL_NOT_FOUND: "the base model repository does not exist on Hugging Face (check the model path)",
+    FailureKind.HOST_FAULT: "the rented GPU or its driver failed (a fault of the machine, not of the job)",
+    FailureKind.NAN_LOSS: "the loss became NaN: training diverged (try a lower learning rate)",
     FailureKind.DISK_FULL: "the rented machine's disk is full",
     FailureKind.NO_IMAGES: "the trainer found no images in the dataset",
     FailureKind.JOB_STOPPED: "the job was stopped",

@@ -1,7 +1,7 @@
 """FLUX LoRA recipe -> ostris/ai-toolkit job config (see ../shared/reference/ai-toolkit.md §1).
 
-ai-toolkit's code defaults are wrong for FLUX (noise_scheduler ddpm, lr 1e-6, dtype fp32, alpha 1.0,
-no training_folder), so every key that matters is written explicitly. The config is built as a dict
+ai-toolkit's code defaults are wrong for FLUX (noise_scheduler ddpm, lr 1e-6, dtype fp32, no
+training_folder), so every key that matters is written explicitly. The config is built as a dict
 and serialised with yaml.safe_dump / json.dumps: user text is only ever a scalar value, never a
 template fragment, so it cannot change the structure of the document.
 
@@ -11,9 +11,15 @@ Two more traps of the trainer that validation guards against:
   user text.
 - A re-used `config.name` silently resumes the old run (§3), so `job_name` is a required argument of
   rendering and the caller makes it unique per job (e.g. "lora_<jobid>").
+- ai-toolkit replaces `[name]` across the whole config with the job name (`lora_<jobid>`, not the
+  LoRA's name), so `[name]` is refused in prompts.
+
+Alpha: for FLUX ai-toolkit always saves in peft format and sets alpha = rank whatever
+`linear_alpha` says (toolkit/lora_special.py), so `linear_alpha` is rendered equal to the rank and
+any other alpha is refused rather than silently ignored.
+The recipe's seed seeds both sampling and training (`training_seed`), so runs are reproducible.
 
 Presets (values documented here and in PRESETS):
-Alpha follows rank unless set (alpha == rank keeps the effective lr independent of the rank).
 - character: a person, pet or object. rank 16/alpha 16, lr 1e-4, 1500 steps, adamw8bit, batch 1,
   resolutions 512/768/1024, caption dropout 0.05, save and sample every 250 steps.
 - style: an art style. rank 32/alpha 32, lr 1e-4, 2500 steps, caption dropout 0.10 (the style should
@@ -81,7 +87,7 @@ class FluxRecipe(BaseModel):
     trigger_word: str = Field(min_length=1, max_length=48)
     steps: int = Field(default=1500, ge=1, le=10000)
     rank: int = Field(default=16, ge=1, le=128)
-    alpha: int = Field(default=0, ge=0, le=256, description="0 means 'same as rank'")
+    alpha: int = Field(default=0, ge=0, le=256, description="0 or the rank: ai-toolkit trains FLUX at alpha = rank")
     learning_rate: float = Field(default=1e-4, gt=0, le=10.0)
     batch_size: int = Field(default=1, ge=1, le=8)
     resolutions: list[int] = Field(default_factory=lambda: [512, 768, 1024], min_length=1, max_length=4)
@@ -133,6 +139,11 @@ class FluxRecipe(BaseModel):
                 raise ValueError(f"sample prompt {i} is empty")
             if len(prompt) > MAX_PROMPT_LEN:
                 raise ValueError(f"sample prompt {i} is longer than {MAX_PROMPT_LEN} characters")
+            if "[name]" in prompt:
+                raise ValueError(
+                    f"sample prompt {i} must not contain [name] (ai-toolkit replaces it with the job's internal "
+                    "name, not the LoRA's); use [trigger] for the trigger word"
+                )
             out.append(prompt)
         return out
 
@@ -159,9 +170,12 @@ class FluxRecipe(BaseModel):
 
     @model_validator(mode="after")
     def _coherent(self) -> Self:
-        if self.alpha == 0:
-            # explicit alpha: ai-toolkit's fallback is 1.0, which makes the LoRA learn ~16x slower
-            object.__setattr__(self, "alpha", self.rank)
+        if self.alpha not in (0, self.rank):
+            raise ValueError(
+                f"alpha must equal the rank ({self.rank}): ai-toolkit trains FLUX LoRAs with alpha = rank "
+                f"and would ignore alpha {self.alpha}"
+            )
+        object.__setattr__(self, "alpha", self.rank)
         if self.optimizer.startswith("prodigy"):
             if not 0.1 <= self.learning_rate <= 10.0:
                 raise ValueError("learning_rate for prodigy must be between 0.1 and 10 (it adapts; use 1.0)")
@@ -308,8 +322,10 @@ def config_dict(recipe: FluxRecipe, *, job_name: str, dataset_dir: str, training
         "type": "sd_trainer",  # the CLI trainer; ui_trainer needs the UI's database (§6, #276)
         "training_folder": training_folder,
         "device": "cuda:0",
+        "training_seed": recipe.seed,  # without it training is unseeded; `seed` below seeds samples only
         "trigger_word": recipe.trigger_word,
-        "network": {"type": "lora", "linear": recipe.rank, "linear_alpha": recipe.alpha},
+        # alpha = rank: what ai-toolkit does for FLUX anyway, written so the config says what is trained
+        "network": {"type": "lora", "linear": recipe.rank, "linear_alpha": recipe.rank},
         "save": {
             "dtype": "float16",
             "save_every": recipe.save_every,

@@ -67,7 +67,9 @@ class Settings(BaseSettings):
     # --- what to rent -------------------------------------------------------------------------
     gpu_name: str = Field("RTX 4090", validation_alias="LORABOT_GPU_NAME")
     # ai-toolkit's own image (repo at /app/ai-toolkit); it is built on CUDA 13, hence LORABOT_MIN_CUDA
-    image: str = Field("ostris/aitoolkit:latest", validation_alias="LORABOT_IMAGE")
+    # pinned (issue 16): `:latest` floats, and the console output the parser reads changes between
+    # versions; build_and_push_docker pushes `ostris/aitoolkit:<version.py VERSION>` beside `:latest`
+    image: str = Field("ostris/aitoolkit:0.12.26", validation_alias="LORABOT_IMAGE")
     disk_gb: float = Field(80.0, ge=8, validation_alias="LORABOT_DISK_GB")
     max_price: float = Field(1.0, gt=0, validation_alias="LORABOT_MAX_PRICE")  # $/h, server cap
     min_reliability: float = Field(0.97, ge=0, le=1, validation_alias="LORABOT_MIN_RELIABILITY")
@@ -167,6 +169,11 @@ class Settings(BaseSettings):
     user_daily_budget: float = Field(10.0, gt=0, validation_alias="LORABOT_USER_DAILY_BUDGET")
     global_daily_budget: float = Field(50.0, gt=0, validation_alias="LORABOT_GLOBAL_DAILY_BUDGET")
     stall_timeout_s: float = Field(900.0, gt=0, validation_alias="LORABOT_STALL_TIMEOUT_S")
+    # issue 16 (the real ai-toolkit): images before 2026-06-24 print nothing while the ~34 GB base model
+    # downloads, so until a training frame or a download bar shows up, silence may last this long
+    load_stall_timeout_s: float = Field(3600.0, gt=0, validation_alias="LORABOT_LOAD_STALL_TIMEOUT_S")
+    # `loss is nan` this many steps in a row stops the job (0: never); each one is reported at once
+    nan_steps_limit: int = Field(5, ge=0, validation_alias="LORABOT_NAN_STEPS_LIMIT")
     save_partial_on_cancel: bool = Field(True, validation_alias="LORABOT_SAVE_PARTIAL_ON_CANCEL")
     reaper_interval_s: float = Field(300.0, gt=0, validation_alias="LORABOT_REAPER_INTERVAL_S")
     # how often a running job's log and status are read from the box

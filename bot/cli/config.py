@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import sys
 from typing import Annotated
 
@@ -15,9 +16,11 @@ config_app = typer.Typer(help="ai-toolkit job configs.", no_args_is_help=True)
 
 
 def _default_job_name(name: str) -> str:
-    # a readable default; the job pipeline passes a unique "lora_<jobid>" instead
+    # readable and unique: ai-toolkit resumes from any `<name>*` file in the training folder, so a
+    # second render of the same name into the same folder would silently continue the old run. The
+    # job pipeline passes a unique "lora_<jobid>" instead
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.-")[:60] or "job"
-    return f"lora_{slug}"
+    return f"lora_{slug}_{secrets.token_hex(3)}"
 
 
 @config_app.command("render")
@@ -31,7 +34,8 @@ def render(
     fmt: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
     base_model: Annotated[str | None, typer.Option("--base-model", help="dev or schnell.")] = None,
     job_name: Annotated[
-        str | None, typer.Option("--job-name", help="config.name; must be unique per run (default lora_<name>).")
+        str | None,
+        typer.Option("--job-name", help="config.name; must be unique per run (default lora_<name>_<random>)."),
     ] = None,
     dataset_dir: Annotated[
         str | None, typer.Option("--dataset-dir", help="Absolute dataset path on the box.")

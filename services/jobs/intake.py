@@ -25,6 +25,7 @@ from services.quote import Quote, quote
 from services.recipe import FluxRecipe, RecipeError
 from services.settings import Settings
 from services.vastai import Offer, OfferQuery, VastClient, VastError
+from services.vram import check_fits, gpu_vram_gb
 
 DEFAULT_PRESET = "character"
 # a front-end's download of the dataset (a Discord attachment): writes the archive to the path given,
@@ -108,6 +109,10 @@ async def draft(
     except RecipeError as exc:
         job = await _fail(store, job, f"bad training settings: {exc}", "user")
         return Draft(job, None, None, None, False, str(exc))
+    too_big = check_fits(recipe, gpu_vram_gb(settings.gpu_name), settings.gpu_name)  # before the dataset work
+    if too_big:
+        job = await _fail(store, job, f"bad training settings: {too_big}", "user")
+        return Draft(job, None, None, None, False, too_big)
 
     work = Path(settings.work_dir) / job.id
     free = await asyncio.to_thread(free_gb, Path(settings.work_dir))
@@ -155,6 +160,10 @@ async def draft(
             job = await _fail(store, job, msg, "no_offers")
             return Draft(job, report, None, None, False, msg)
         offer = offers[0]
+        too_big = check_fits(recipe, gpu_vram_gb(offer.gpu_name, offer.gpu_ram), offer.gpu_name)
+        if too_big:
+            job = await _fail(store, job, f"bad training settings: {too_big}", "user")
+            return Draft(job, report, None, offer, False, too_big)
     dph = offer.dph_total if offer else settings.max_price
     inet = offer.inet_down if offer else settings.min_inet_down or 500.0
     q = quote(recipe, dph_total=dph, inet_down_mbps=inet, dataset_bytes=prepared.manifest.total_bytes,

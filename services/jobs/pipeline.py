@@ -11,6 +11,7 @@ process itself (asyncio cancellation) leaves the box running, on purpose: the ne
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import posixpath
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from services import progress as prog
+from services.eta import EtaModel
 from services.jobcost import bandwidth_usd, plan_for_job
 from services.jobs import budget
 from services.jobs.errors import InfraFailure, JobCancelled, JobFailure
@@ -104,6 +106,14 @@ def install_prefix(settings: Settings, install_id: str) -> str:
     return f"{settings.label_prefix}{install_id}-"
 
 
+def _sha256_size(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest(), path.stat().st_size
+
+
 def label_for(settings: Settings, job: Job, attempt: int, install_id: str) -> str:
     return f"{install_prefix(settings, install_id)}{job.id}" + ("" if attempt <= 1 else f"-{attempt}")
 
@@ -128,6 +138,9 @@ class Pipeline:
         self._parser: prog.ProgressParser | None = None
         self._loss_curve: list[tuple[int, float]] = []
         self._last_failure: prog.Failure | None = None
+        self._eta: EtaModel | None = None
+        self._saw_download = False  # a download bar: the image prints them, silence is a stall
+        self._nan_reported = False
         self._seen_samples: set[str] = set()
         self._last_download_note = 0.0
         self._work = Path(self.s.work_dir) / job_id
@@ -476,27 +489,70 @@ class Pipeline:
         return job
 
     async def _restore_checkpoint(self, job: Job, remote: RemoteJob, output: str) -> None:
-        """On a retry, put the last backed-up checkpoint where ai-toolkit resumes from it."""
+        """On a retry, put the last backed-up checkpoint where ai-toolkit resumes from it.
+
+        ai-toolkit resumes from the newest `<name>*` file of any extension and dies on a truncated
+        one, so the download goes to a name that does not start with the job name, is checked
+        against the size and sha256 recorded at backup, and is renamed only then. A checkpoint that
+        cannot be restored intact is dropped: the retry starts fresh and says so. optimizer.pt
+        follows its checkpoint, so AdamW8bit resumes with its moments."""
         key = job.artifacts.get("checkpoint")
         if not key or self.d.storage is None:
             return
-        link = await self.d.storage.link(key, expires_s=3600)
         name = job_name(job)
         dest_dir = f"{output}/{name}"
-        dest = f"{dest_dir}/{posixpath.basename(key)}"
+        base = posixpath.basename(key)
         await remote.box.run(["mkdir", "-p", "--", dest_dir])
-        res = await remote.box.run(["curl", "-fsS", "--retry", "3", "-o", dest, "--", link.url], check=False,
-                                   timeout=1800)
-        if res.exit_status == 0:
-            await self._emit(job, Readiness("resuming", f"from checkpoint {posixpath.basename(key)}"))
+        ok = await self._fetch_verified(remote, key, f"{dest_dir}/{base}", job.artifacts.get("checkpoint_sha256"),
+                                        job.artifacts.get("checkpoint_size"))
+        if not ok:
+            await self._emit(job, Readiness("resuming", f"checkpoint {base} could not be restored intact: "
+                                                        "starting fresh from step 0"))
+            return
+        opt_key = job.artifacts.get("optimizer")
+        if opt_key and job.artifacts.get("optimizer_for") == key:
+            await self._fetch_verified(remote, opt_key, f"{dest_dir}/optimizer.pt",
+                                       job.artifacts.get("optimizer_sha256"), job.artifacts.get("optimizer_size"))
+        await self._emit(job, Readiness("resuming", f"from checkpoint {base}"))
+
+    async def _fetch_verified(self, remote: RemoteJob, key: str, dest: str, sha256: str | None,
+                              size: str | None) -> bool:
+        """R2 -> `dest` on the box through a temporary name outside ai-toolkit's `<name>*` glob."""
+        assert self.d.storage is not None
+        tmp = posixpath.join(posixpath.dirname(dest), ".lorabot-restore.tmp")
+        try:
+            link = await self.d.storage.link(key, expires_s=3600)
+            res = await remote.box.run(["curl", "-fsS", "--retry", "3", "-o", tmp, "--", link.url], check=False,
+                                       timeout=1800)
+            good = res.exit_status == 0
+            if good and sha256 and size:
+                check = await remote.box.run([self.s.remote_python, f"{remote.job_dir}/upload_presigned.py",
+                                              "sha256", tmp], check=False)
+                try:
+                    info = json.loads(check.stdout.strip().splitlines()[-1])
+                    good = str(info["sha256"]) == sha256 and int(info["size"]) == int(size)
+                except (ValueError, KeyError, IndexError):
+                    good = False
+            if good:
+                await remote.box.run(["mv", "-f", "--", tmp, dest])
+                return True
+            log.warning("restore of %s failed its check; not used", key)
+        except (SSHError, StorageError) as exc:
+            log.warning("restore of %s failed: %s", key, exc)
+        await remote.box.run(["rm", "-f", "--", tmp], check=False)
+        return False
 
     # --- train --------------------------------------------------------------------------------
     async def _train(self, job: Job) -> Job:
         t0 = time.monotonic()
+        if "trainer_commit" not in job.measured:
+            job = await self._record_trainer_commit(job)
         status: RemoteStatus = await self._remote_call(job, "launch", lambda r: r.launch())
         if status.launched:
-            await self._emit(job, Readiness("launched", "trainer started"))
-        self._parser = prog.ProgressParser(job_name(job))
+            commit = str(job.measured.get("trainer_commit", "unknown"))[:12]
+            await self._emit(job, Readiness("launched", f"trainer started (ai-toolkit {commit})"))
+        self._parser = prog.ProgressParser(job_name(job), nan_limit=self.s.nan_steps_limit)
+        self._eta = EtaModel(job.recipe, job.quote)
         offset = job.log_offset
         last_output = time.monotonic()
         last_saved = 0.0
@@ -550,12 +606,30 @@ class Pipeline:
         out = expected_outputs(job_name(job), self._paths(job)[2])
         tail = "\n".join(self._parser.tail())
         exists = await self._remote_call(job, "check result", lambda r: r.box.exists(out.final_lora))
-        outcome = prog.classify_exit(status.exit_code, exists, tail)
+        # from the live parser's state, never a re-parsed tail (it can start inside the config dump)
+        outcome = prog.classify_exit(status.exit_code, exists, self._parser)
         if not outcome.success:
             await self._ensure_instance_alive(job)  # a trainer killed as its host died: the host's fault
             kind = outcome.kind.value if outcome.kind else "unknown"
-            raise JobFailure(kind, f"training failed: {outcome.reason}", last_lines=self._redact(tail[-1500:]))
+            error = InfraFailure if outcome.kind is prog.FailureKind.HOST_FAULT else JobFailure
+            raise error(kind, f"training failed: {outcome.reason}", last_lines=self._redact(tail[-1500:]))
+        if outcome.warning:  # the final LoRA was saved; the final sampling pass (or later) failed
+            measured["trainer_warning"] = self._redact(outcome.warning)
+            await self._emit(job, LogSnippet(self._redact(f"warning: {outcome.warning}\n{outcome.line or ''}")))
         return await self._to(job, S.COLLECTING, "training finished", measured=measured)
+
+    async def _record_trainer_commit(self, job: Job) -> Job:
+        """The ai-toolkit commit that trains this job (the image keeps its .git): its console output
+        is what the parser reads, and it changes between versions."""
+        try:
+            res = await self._remote_call(job, "trainer commit", lambda r: r.box.run(
+                ["git", "-C", self.s.aitoolkit_dir, "rev-parse", "HEAD"], check=False))
+            commit = res.stdout.strip() if res.exit_status == 0 else ""
+        except SSHError:
+            commit = ""
+        commit = commit if len(commit) == 40 and all(c in "0123456789abcdef" for c in commit) else "unknown"
+        log.info("job %s: ai-toolkit commit %s (image %s)", job.id, commit, self.s.image)
+        return await self.d.store.update(job.id, measured=dict(job.measured, trainer_commit=commit))
 
     async def _limits(self, job: Job, started: float, silent_s: float) -> None:
         async def stop_and_fail(kind: str, message: str) -> None:
@@ -563,7 +637,24 @@ class Pipeline:
             tail = "\n".join(self._parser.tail()) if self._parser else ""
             raise JobFailure(kind, message, last_lines=self._redact(tail[-1500:]))
 
-        if silent_s > self.s.stall_timeout_s:
+        parser = self._parser
+        if parser is not None and parser.failure is not None and parser.failure.kind is prog.FailureKind.NAN_LOSS:
+            await stop_and_fail("nan_loss", f"training diverged: {parser.failure.line}: stopped")
+        stall = self.s.stall_timeout_s
+        if (parser is not None and parser.failure is not None and parser.failure.kind is prog.FailureKind.HOST_FAULT
+                and silent_s > min(60.0, stall / 3)):
+            # a broken GPU can leave the trainer hung instead of exiting: the machine's fault, so the
+            # job gets its retry on another machine rather than waiting out the stall timer
+            try:
+                await self._remote_call(job, "stop", lambda r: r.stop())
+            except (SSHError, JobFailure) as exc:
+                log.info("job %s: stop after a host fault failed: %s", job.id, exc)
+            raise InfraFailure("host_fault", f"training failed: {parser.failure.line}",
+                               last_lines=self._redact("\n".join(parser.tail())[-1500:]))
+        if parser is not None and parser.step is None and not self._saw_download:
+            # older images print nothing while the base model downloads (before 2026-06-24)
+            stall = max(stall, self.s.load_stall_timeout_s)
+        if silent_s > stall:
             phase = self._parser.phase.value if self._parser and self._parser.phase else "unknown"
             await stop_and_fail("stalled", f"no output for {silent_s / 60:.0f} min while {phase}: stopped")
         if time.time() - started > self.s.max_runtime_s:
@@ -573,35 +664,51 @@ class Pipeline:
 
     async def _handle(self, job: Job, events: list[prog.ProgressEvent]) -> Job:
         last_step: prog.Step | None = None
+        if self._eta is not None:
+            self._eta.record(events, time.monotonic())
         for ev in events:
             if isinstance(ev, prog.Step):
                 last_step = ev
-                if ev.loss is not None:
+                if ev.loss is not None and (not self._loss_curve or self._loss_curve[-1][0] < ev.step):
                     self._loss_curve.append((ev.step, ev.loss))
             elif isinstance(ev, prog.PhaseChanged):
                 job = await self.d.store.update(job.id, phase=ev.phase.value)
                 await self._emit(job, Readiness(ev.phase.value, ev.detail))
             elif isinstance(ev, prog.DownloadProgress):
+                self._saw_download = True
                 # download bars redraw ~10 times a second: pass one on every few seconds
                 if time.monotonic() - self._last_download_note >= 5.0:
                     self._last_download_note = time.monotonic()
                     done_gb, total_gb = ev.bytes_done / 1e9, ev.bytes_total / 1e9
                     await self._emit(job, Readiness("downloading", f"{done_gb:.1f}/{total_gb:.1f} GB"))
-            elif isinstance(ev, prog.CheckpointSaved) and not ev.final:
+            elif isinstance(ev, prog.CheckpointSaved):
+                # the final file too, at once: the final sampling pass (or the host) may still fail
                 backed = await self._backup_checkpoint(job, ev.path)
                 job = await self.d.store.require(job.id)
-                await self._emit(job, CheckpointSaved(ev.step or 0, backed))
+                if not ev.final:
+                    await self._emit(job, CheckpointSaved(ev.step or 0, backed))
+            elif isinstance(ev, prog.Notice) and ev.kind is prog.NoticeKind.OPTIMIZER_SAVED:
+                job = await self._backup_optimizer(job, ev.line)
+            elif isinstance(ev, prog.Notice) and ev.kind is prog.NoticeKind.NAN_LOSS and not self._nan_reported:
+                self._nan_reported = True
+                step = self._parser.step if self._parser else None
+                await self._emit(job, LogSnippet(f"warning: loss is nan (near step {step}): training is diverging; "
+                                                 f"the job stops after {self.s.nan_steps_limit} such steps in a row"))
             elif isinstance(ev, prog.SampleWritten):
                 await self._fetch_sample(job, ev)
             elif isinstance(ev, prog.Failure):
                 self._last_failure = ev
         if last_step is not None:
+            # a moving average: one flow-matching step's loss is too noisy to report
+            loss = self._parser.smoothed_loss() if self._parser else last_step.loss
+            eta = (self._eta.eta(last_step.step, last_step.total, last_step.sec_per_it) if self._eta
+                   else last_step.eta_s)
             job = await self.d.store.update(
-                job.id, step=last_step.step, total_steps=last_step.total, loss=last_step.loss,
-                sec_per_step=last_step.sec_per_it, eta_s=last_step.eta_s, phase="training",
+                job.id, step=last_step.step, total_steps=last_step.total, loss=loss,
+                sec_per_step=last_step.sec_per_it, eta_s=eta, phase="training",
             )
-            await self._emit(job, Progress("training", last_step.step, last_step.total, last_step.loss,
-                                           last_step.sec_per_it, last_step.eta_s, job.cost_so_far()))
+            await self._emit(job, Progress("training", last_step.step, last_step.total, loss,
+                                           last_step.sec_per_it, eta, job.cost_so_far()))
         return job
 
     async def _poll_samples(self, job: Job) -> None:
@@ -634,39 +741,59 @@ class Pipeline:
         await self._emit(job, SampleImage(local, ev.step))
 
     async def _backup_checkpoint(self, job: Job, path: str) -> bool:
+        """Back up a checkpoint (or the final file) with its size and sha256, which a restore checks."""
         if not (self.s.backup_checkpoints and self.d.storage):
             return False
         keys = job_keys(job.user_id or "anonymous", job.id, job_name(job))
         key = keys.checkpoint(posixpath.basename(path))
         try:
-            await self._upload_from_box(job, path, key)
+            sha, size = await self._upload_from_box(job, path, key)
         except (SSHError, StorageError, JobFailure) as exc:
             log.warning("checkpoint backup of %s failed: %s", path, exc)
             return False
         job = await self.d.store.require(job.id)
-        await self.d.store.update(job.id, artifacts={**job.artifacts, "checkpoint": key})
+        await self.d.store.update(job.id, artifacts={**job.artifacts, "checkpoint": key, "checkpoint_sha256": sha,
+                                                     "checkpoint_size": str(size)})
         return True
 
-    async def _upload_from_box(self, job: Job, path: str, key: str) -> None:
+    async def _backup_optimizer(self, job: Job, path: str) -> Job:
+        """optimizer.pt, saved right after its checkpoint: restored with it, AdamW8bit keeps its moments."""
+        job = await self.d.store.require(job.id)
+        ckpt = job.artifacts.get("checkpoint")
+        if not (ckpt and self.s.backup_checkpoints and self.d.storage) or posixpath.basename(path) != "optimizer.pt":
+            return job
+        keys = job_keys(job.user_id or "anonymous", job.id, job_name(job))
+        key = keys.checkpoint("optimizer.pt")
+        try:
+            sha, size = await self._upload_from_box(job, path, key)
+        except (SSHError, StorageError, JobFailure) as exc:
+            log.warning("optimizer backup of %s failed: %s", path, exc)
+            return job
+        job = await self.d.store.require(job.id)
+        return await self.d.store.update(job.id, artifacts={
+            **job.artifacts, "optimizer": key, "optimizer_for": ckpt, "optimizer_sha256": sha,
+            "optimizer_size": str(size)})
+
+    async def _upload_from_box(self, job: Job, path: str, key: str) -> tuple[str, int]:
         """Box -> R2 through a presigned PUT (no keys on the box); else SSH download + upload."""
         storage = self.d.storage
         assert storage is not None
         try:
-            await self._put_from_box(job, path, key)
-            return
+            return await self._put_from_box(job, path, key)
         except (SSHError, StorageError, ValueError, KeyError) as exc:
             log.warning("direct upload of %s failed (%s); falling back to SSH download", path, exc)
         local = self._work / "collect" / _local_name(path)
         await self._remote_call(job, "download", lambda r: r.box.download(path, local, max_bytes=LORA_MAX_BYTES))
         await storage.upload_file(local, key)
+        return await asyncio.to_thread(_sha256_size, local)
 
-    async def _put_from_box(self, job: Job, path: str, key: str) -> None:
+    async def _put_from_box(self, job: Job, path: str, key: str) -> tuple[str, int]:
         """The box uploads `path` itself through a presigned PUT; verified by size and sha256."""
         storage = self.d.storage
         assert storage is not None
         root = self._remote_dir(job)
 
-        async def direct(remote: RemoteJob) -> None:
+        async def direct(remote: RemoteJob) -> tuple[str, int]:
             res = await remote.box.run([self.s.remote_python, f"{root}/upload_presigned.py", "sha256", path])
             info = json.loads(res.stdout.strip().splitlines()[-1])
             sha, size = str(info["sha256"]), int(info["size"])
@@ -676,8 +803,10 @@ class Pipeline:
                 argv += ["-H", f"{name}: {value}"]
             await remote.box.run(argv, timeout=3600)
             await storage.verify(key, size, sha)
+            return sha, size
 
-        await self._remote_call(job, f"upload {posixpath.basename(path)}", direct)
+        result: tuple[str, int] = await self._remote_call(job, f"upload {posixpath.basename(path)}", direct)
+        return result
 
     # --- collect ------------------------------------------------------------------------------
     # The LoRA is made safe before the box goes (uploaded by the box, or downloaded here over SSH
@@ -783,7 +912,9 @@ class Pipeline:
         await storage.upload_bytes(config_text.encode(), keys.config)
         log_local = self._work / "collect" / "log.txt"
         if log_local.exists():
-            redacted = self._redact(await asyncio.to_thread(log_local.read_text, errors="replace"))
+            commit = job.measured.get("trainer_commit", "unknown")
+            redacted = f"lorabot: ai-toolkit commit {commit}, image {self.s.image}\n" + self._redact(
+                await asyncio.to_thread(log_local.read_text, errors="replace"))
             await storage.upload_bytes(redacted.encode(), keys.log)
         samples = sorted((self._work / "samples").glob("*")) if (self._work / "samples").exists() else []
         for sample in samples[-12:]:
@@ -936,4 +1067,5 @@ class Pipeline:
             label=label_for(self.s, job, attempt, self.d.store.install_id),
         )
         self._parser = None
+        self._saw_download = self._nan_reported = False
         return await self.run()

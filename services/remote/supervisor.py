@@ -293,7 +293,7 @@ def main(argv: list | None = None) -> int:
     la.add_argument("--job-dir", required=True)
     la.add_argument("--config", required=True, help="absolute path of the job config")
     la.add_argument("--python", default=sys.executable or "python3")
-    la.add_argument("--aitoolkit", default="/workspace/ai-toolkit")
+    la.add_argument("--aitoolkit", default="/app/ai-toolkit")  # where ostris/aitoolkit's image keeps it
     la.add_argument("--grace-int", type=float, default=60.0, help="seconds after SIGINT before SIGTERM")
     la.add_argument("--grace-term", type=float, default=15.0, help="seconds after SIGTERM before SIGKILL")
     la.add_argument("--heartbeat", type=float, default=5.0)

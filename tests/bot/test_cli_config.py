@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import typer
@@ -36,10 +37,13 @@ def test_yaml_default_preset(app: typer.Typer) -> None:
     assert code == 0, err
     doc = yaml.safe_load(out)
     p = doc["config"]["process"][0]
-    assert doc["config"]["name"] == "lora_My_LoRA"
+    job = doc["config"]["name"]
+    # unique per render: ai-toolkit would silently resume a re-used name from the same folder
+    again = yaml.safe_load(render(app, "--name", "My LoRA", "--trigger", "ohwx")[1])["config"]["name"]
+    assert re.fullmatch(r"lora_My_LoRA_[0-9a-f]{6}", job) and job != again
     assert p["trigger_word"] == "ohwx" and p["train"]["steps"] == 1500  # the character preset
     assert p["training_folder"] == "/workspace/lorabot/output"
-    assert p["datasets"][0]["folder_path"] == "/workspace/lorabot/datasets/lora_My_LoRA"
+    assert p["datasets"][0]["folder_path"] == f"/workspace/lorabot/datasets/{job}"
     assert doc["meta"]["name"] == "My LoRA"
 
 

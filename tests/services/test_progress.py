@@ -84,20 +84,22 @@ def test_it_per_s_is_converted_and_first_frame_without_rate() -> None:
         b"\rj:  50%|#####     | 5/10 [00:01<00:01,  4.00it/s, lr: 4.0e-04 loss: 2.500e-01]\n"
     )
     steps = of(parse(data, "j"), Step)
-    assert steps[0] == Step(0, 10, None, None, None, None)
+    assert steps[0] == Step(0, 10, None, None, None, None, 0.0)
     assert steps[1].sec_per_it == pytest.approx(0.25) and steps[1].loss == 0.25
 
 
 def test_cr_separated_redraws_every_step_and_terminal_tail() -> None:
     frames = "".join(
-        f"\rj: {i:3d}%|          | {i}/100 [00:{i % 60:02d}<00:10, 1.50s/it, lr: 1.0e-04 loss: {i / 100:.3e}]"
+        f"\rj: {i:3d}%|          | {i}/100 [{i * 3 // 2 // 60:02d}:{i * 3 // 2 % 60:02d}<00:10,  1.10s/it, "
+        f"lr: 1.0e-04 loss: {i / 100:.3e}]"
         for i in range(1, 101)
     )
     p = ProgressParser("j")
     events = p.feed(frames.encode()) + p.close()
     assert [s.step for s in of(events, Step)] == list(range(1, 101))
     assert p.tail() == [frames.rsplit("\r", 1)[1]]  # redraws collapse like a terminal
-    assert (p.step, p.total, p.sec_per_it) == (100, 100, 1.5)
+    # s/it is measured from the elapsed field over a window, not the frame's smoothed rate
+    assert (p.step, p.total) == (100, 100) and p.sec_per_it == pytest.approx(1.5, rel=0.02)
 
 
 def test_long_runs_report_every_stride_plus_first_and_last() -> None:
@@ -152,6 +154,7 @@ def test_saves_checkpoints_notices_and_samples() -> None:
     events = parse(text.encode(), "j")
     assert of(events, Notice) == [
         Notice(NoticeKind.RESUMING, "#### IMPORTANT RESUMING FROM /o/j/j_000000250.safetensors ####"),
+        Notice(NoticeKind.OPTIMIZER_SAVED, "/o/j/optimizer.pt"),  # backed up with its checkpoint
         Notice(NoticeKind.REMOVED_SAVE, "Removing old save: /o/j/j_000000000.safetensors"),
         Notice(NoticeKind.OOM_SKIPPED, "# OOM during training step, skipping batch 1/3 #"),
     ]
@@ -274,7 +277,7 @@ TRAINING = b"j:   1%|  | 7/3000 [00:01<00:10, 1.50s/it, lr: 1.0e-04 loss: 1.0e-0
             b"black-forest-labs/FLUX.1-dev is restricted. You must have access to it and be authenticated to "
             b"access it. Please log in.\n",
             FailureKind.GATED_MODEL,
-            "Error running job: 401 Client Error.",
+            "Cannot access gated repo",
         ),
         (
             b"huggingface_hub.errors.GatedRepoError: 401 Client Error. (Request ID: x)\n",
@@ -353,7 +356,10 @@ def test_classify_exit_success_needs_all_three() -> None:
     assert out.reason == "exited 0 but the final LoRA file is missing"
     stopped = classify_exit(0, True, [*SUCCESS_TAIL.splitlines(), "=" * 40, "Job stopped", "=" * 40])
     assert (stopped.success, stopped.kind) == (False, FailureKind.JOB_STOPPED)
-    assert classify_exit(1, True, SUCCESS_TAIL).success is False
+    # the final save was seen: a later error (the final sampling pass) is a warning, not a failure
+    late = classify_exit(1, True, SUCCESS_TAIL)
+    assert late.success is True and late.warning and "after the final save" in late.warning
+    assert classify_exit(1, True, "j: 100%|#| 10/10 [00:10<00:00, 1.00s/it]\n").success is False
 
 
 @pytest.mark.parametrize(
@@ -475,3 +481,97 @@ def test_stand_in_trainer_output(tmp_path: Path, preset: str, fault: str, kind: 
     else:
         assert not outcome.success and outcome.kind is kind, (outcome, stream.decode(errors="replace")[-1500:])
         assert [f.kind for f in of(events, Failure)][:1] == [kind]
+
+
+# --- the real ai-toolkit (issue 16) -----------------------------------------------------------
+@pytest.mark.parametrize(
+    "line",
+    [
+        "Error running job: CUDA error: uncorrectable ECC error encountered",
+        "RuntimeError: CUDA driver version is insufficient for CUDA runtime version",
+        "RuntimeError: No CUDA GPUs are available; no CUDA-capable device is detected",
+        "torch.AcceleratorError: CUDA error: unspecified launch failure",
+        "NVRM: Xid (PCI:0000:01:00): 79, pid=1234, GPU has fallen off the bus.",
+    ],
+)
+def test_host_and_driver_faults(line: str) -> None:
+    p = ProgressParser("j")
+    (fail,) = of(p.feed(TRAINING + line.encode() + b"\n") + p.close(), Failure)
+    assert fail.kind is FailureKind.HOST_FAULT
+    assert classify_exit(1, False, p).kind is FailureKind.HOST_FAULT
+
+
+MISSING_REPO = (
+    b"Error running job: someone/FLUX.1-dvv is not a local folder and is not a valid model identifier listed on "
+    b"'https://huggingface.co/models'\n"
+    b"If this is a private repository, make sure to pass a token having permission to this repo\n"
+    b"Traceback (most recent call last):\n"
+    b"huggingface_hub.errors.RepositoryNotFoundError: 401 Client Error. (Request ID: Root=1-x)\n\n"
+    b"Repository Not Found for url: https://huggingface.co/api/models/someone/FLUX.1-dvv.\n"
+)
+
+
+def test_a_missing_repo_is_not_a_gated_one() -> None:
+    p = ProgressParser("j")
+    (fail,) = of(p.feed(MISSING_REPO) + p.close(), Failure)
+    assert fail.kind is FailureKind.MODEL_NOT_FOUND
+    # the same wrapper with GatedRepoError in the chained traceback: gated after all
+    gated = MISSING_REPO + b"huggingface_hub.errors.GatedRepoError: 403 Client Error.\n"
+    p = ProgressParser("j")
+    (fail,) = of(p.feed(gated) + p.close(), Failure)
+    assert fail.kind is FailureKind.GATED_MODEL
+
+
+def test_schnell_assistant_lora_lines_do_not_flip_the_phase() -> None:
+    data = (
+        b"Loading assistant lora\nFusing in LoRA\n"
+        + TRAINING
+        + b"Unloading assistant lora\nGenerating Images:   0%|          | 0/2 [00:00<?, ?it/s]\r"
+        b"Loading assistant lora\nLoading transformer\n"
+        + TRAINING.replace(b" 7/3000", b" 8/3000")
+    )
+    phases = [e.phase for e in of(parse(data, "j"), PhaseChanged)]
+    assert phases == [Phase.LOADING, Phase.TRAINING, Phase.SAMPLING, Phase.TRAINING]
+
+
+def test_a_handled_traceback_in_a_run_that_saved_its_final_file_is_done() -> None:
+    data = (
+        TRAINING
+        + b"Traceback (most recent call last):\n  File \"data_loader.py\", line 550\n"
+        b"PIL.UnidentifiedImageError: cannot identify image file '/d/bad.png'\n"
+        + b"Saved checkpoint to /o/j/j.safetensors\n"
+    )
+    events = parse(data, "j")
+    assert events[-1] == PhaseChanged(Phase.DONE) and not of(events, Failure)
+    # with "Error running job" after the final save it is a failure of the run, the LoRA still counts
+    late = data + b"Error running job: boom\n"
+    p = ProgressParser("j")
+    events = p.feed(late) + p.close()
+    assert of(events, Failure)[0].kind is FailureKind.UNKNOWN
+    out = classify_exit(1, True, p)
+    assert out.success and out.warning and "after the final save" in out.warning
+
+
+def test_classify_exit_from_the_live_parser_ignores_the_prompts_in_the_config_dump() -> None:
+    """A 40-line tail can start inside the config dump: its prompts would read as log lines."""
+    prompts = b"".join(b'    "prompt %d": "a cat, Job stopped, KeyboardInterrupt",\n' % i for i in range(60))
+    dump = b"{\n" + prompts + b"}\n"
+    data = dump + b"Loading transformer\nError running job: weird\n"
+    p = ProgressParser("j")
+    p.feed(data)
+    tail = p.tail()
+    assert classify_exit(1, False, p).kind is FailureKind.UNKNOWN
+    assert classify_exit(1, False, tail).kind is FailureKind.JOB_STOPPED  # the old way was fooled
+
+
+def test_two_frames_per_step_report_each_step_once_with_its_own_loss() -> None:
+    # ai-toolkit's order: postfix refresh (old count, new loss), then update (new count, same loss)
+    frames = "j:   0%|  | 0/100 [00:00<?, ?it/s]"
+    for k in range(1, 31):
+        frames += f"\rj:   1%|  | {k - 1}/100 [00:{k:02d}<00:10,  1.00s/it, lr: 1.0e-04 loss: {k / 100:.3e}]"
+        frames += f"\rj:   1%|  | {k}/100 [00:{k:02d}<00:10,  1.00s/it, lr: 1.0e-04 loss: {k / 100:.3e}]"
+    frames += f"\rj:  30%|  | 30/100 [00:30<00:10,  1.00s/it, lr: 1.0e-04 loss: {30 / 100:.3e}]\n"
+    for chunk in (None, [5] * 2000, [333] * 40):
+        steps = of(parse(frames.encode(), "j", chunks=chunk, all_steps=True), Step)
+        assert [s.step for s in steps] == list(range(31))
+        assert [s.loss for s in steps[1:]] == [k / 100 for k in range(1, 31)]

@@ -25,8 +25,8 @@ PATHS = {"job_name": "lora_42", "dataset_dir": "/workspace/lorabot/datasets/lora
 
 # --- a schema check mirroring the keys ai-toolkit reads (reference/ai-toolkit.md §1) -------------
 TOP = {"job", "config", "meta"}
-PROCESS = {"type", "training_folder", "device", "trigger_word", "network", "save", "datasets", "train",
-           "model", "sample"}
+PROCESS = {"type", "training_folder", "device", "training_seed", "trigger_word", "network", "save", "datasets",
+           "train", "model", "sample"}
 NETWORK = {"type", "linear", "linear_alpha"}
 SAVE = {"dtype", "save_every", "max_step_saves_to_keep", "push_to_hub"}
 DATASET = {"folder_path", "caption_ext", "caption_dropout_rate", "shuffle_tokens", "cache_latents_to_disk",
@@ -127,7 +127,7 @@ def test_documented_preset_values() -> None:
     [
         {"steps": 1, "save_every": 1, "sample_every": 1},
         {"steps": 10000, "rank": 128, "batch_size": 8},
-        {"rank": 1, "alpha": 256},
+        {"rank": 1, "alpha": 1},
         {"resolutions": [1024]},
         {"resolutions": [1536, 256, 512, 768]},
         {"sample_prompts": []},
@@ -154,10 +154,26 @@ def test_edge_cases_render_valid(overrides: dict[str, Any]) -> None:
         assert p["model"]["name_or_path"] == overrides["model_path"]
 
 
-def test_alpha_follows_rank_unless_set() -> None:
+def test_alpha_is_the_rank_and_any_other_alpha_is_refused() -> None:
+    """ai-toolkit forces alpha = rank for FLUX: another alpha would be silently ignored (review S1-1)."""
     assert FluxRecipe(name="n", trigger_word="t", rank=32).alpha == 32
-    assert FluxRecipe(name="n", trigger_word="t", rank=32, alpha=8).alpha == 8
+    assert FluxRecipe(name="n", trigger_word="t", rank=32, alpha=32).alpha == 32
     assert FluxRecipe.from_preset("character", name="n", trigger_word="t", rank=64).alpha == 64
+    with pytest.raises(RecipeError, match=r"^alpha must equal the rank \(32\)"):
+        FluxRecipe.from_preset("character", name="n", trigger_word="t", rank=32, alpha=8)
+    doc = roundtrips(FluxRecipe(name="n", trigger_word="t", rank=8))
+    assert doc["config"]["process"][0]["network"]["linear_alpha"] == 8
+
+
+def test_name_token_in_prompts_is_refused() -> None:
+    with pytest.raises(RecipeError, match=r"\[name\]"):
+        FluxRecipe.from_preset("character", name="n", trigger_word="t", sample_prompts=["a photo of [name]"])
+
+
+def test_training_seed_follows_the_recipe_seed() -> None:
+    doc = roundtrips(FluxRecipe.from_preset("character", name="n", trigger_word="t", seed=1234))
+    p = doc["config"]["process"][0]
+    assert p["training_seed"] == 1234 and p["sample"]["seed"] == 1234
 
 
 INJECTIONS = [

@@ -10,8 +10,10 @@ the local Python as the box's Python, a probe that checks the trainer is there).
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,11 +78,22 @@ def make_box(root: Path, *, python: str | None = None) -> SimBox:
     for d in (remote_root / "jobs", aitk, bin_dir):
         d.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(TRAINER_SRC, aitk / "run.py")
+    _git_repo(aitk)
     smi = bin_dir / "nvidia-smi"
     smi.write_text(_FAKE_NVIDIA_SMI)
     smi.chmod(0o755)
     return SimBox(root=root, remote_root=remote_root, aitoolkit_dir=aitk, bin_dir=bin_dir,
                   python=python or sys.executable)
+
+
+def _git_repo(folder: Path) -> None:
+    """The real image keeps ai-toolkit's .git: the pipeline records `git rev-parse HEAD` at launch."""
+    if (folder / ".git").exists() or shutil.which("git") is None:
+        return
+    env = {**os.environ, "GIT_AUTHOR_NAME": "sim", "GIT_AUTHOR_EMAIL": "sim@example.invalid",
+           "GIT_COMMITTER_NAME": "sim", "GIT_COMMITTER_EMAIL": "sim@example.invalid"}
+    for argv in (["init", "-q"], ["add", "run.py"], ["commit", "-q", "-m", "sim ai-toolkit"]):
+        subprocess.run(["git", "-C", str(folder), *argv], check=True, env=env, capture_output=True)
 
 
 def box_for(sshd: SshdServer, *, python: str | None = None) -> SimBox:

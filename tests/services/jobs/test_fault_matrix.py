@@ -60,7 +60,8 @@ class Injector(Recorder):
             self.tasks.append(asyncio.create_task(fire()))
 
 
-async def run_case(world: SimWorld, tmp: Path, point: str, kind: str, **extra: Any) -> tuple[Job, Injector]:
+async def run_case(world: SimWorld, tmp: Path, point: str, kind: str, recipe: dict[str, Any] | None = None,
+                   **extra: Any) -> tuple[Job, Injector]:
     settings = world.settings(db_path=str(tmp / "jobs.sqlite3"), work_dir=str(tmp / "work"), **extra)
     store = await JobStore(settings.db_path).open()
     holder: dict[str, Worker] = {}
@@ -95,8 +96,8 @@ async def run_case(world: SimWorld, tmp: Path, point: str, kind: str, **extra: A
     try:
         async with VastClient.from_settings(settings) as vast:
             d = await draft(store, settings, source=dataset_zip(3, 256), user_id="m", name="matrix",
-                            trigger="sks", overrides={"steps": 30, "save_every": 10, "sample_every": 0},
-                            vast=vast)
+                            trigger="sks", vast=vast,
+                            overrides={"steps": 30, "save_every": 10, "sample_every": 0, **(recipe or {})})
         assert d.ok, d.message
         if point == "queued" and kind == "cancel":
             await store.transition(d.job.id, S.QUEUED, "confirmed")
@@ -161,6 +162,8 @@ TRAINER_FAULTS = [
     ("crash@step5", "killed"),
     ("exception@step5", "unknown"),
     ("hang@step5", "stalled"),
+    ("nan@step4", "nan_loss"),  # "loss is nan" 5 steps in a row: stopped, not trained on to the end
+    ("repo_missing", "model_not_found"),
 ]
 
 
@@ -191,4 +194,61 @@ async def test_no_offer_under_the_cap_fails_cleanly(mworld: SimWorld, tmp_path: 
     finally:
         mworld.vast.set_quirks(snatch=0)
     assert job.state == S.FAILED and job.failure_kind == "no_offers"
+    assert mworld.vast.live_instances() == []
+
+
+async def test_host_fault_gets_the_infra_retry_elsewhere(mworld: SimWorld, tmp_path: Path) -> None:
+    """An uncorrectable ECC error is the machine's fault: one more try on another machine (here the
+    fault follows the job to the second box too, so it ends failed after that one retry)."""
+    mworld.box.set_sec_per_step(0.03)
+    mworld.box.set_fault("host_fault@step3")
+    try:
+        job, _ = await run_case(mworld, tmp_path, "none", "none")
+    finally:
+        mworld.box.set_fault(None)
+    assert job.state == S.FAILED and job.failure_kind == "host_fault", job.reason
+    assert job.attempt == 2
+    assert mworld.vast.live_instances() == []
+
+
+async def test_a_trainer_hung_after_a_host_fault_is_retried_without_waiting_for_the_stall(
+    mworld: SimWorld, tmp_path: Path
+) -> None:
+    mworld.box.set_sec_per_step(0.03)
+    mworld.box.set_fault("host_hang@step3")
+    try:
+        job, _ = await run_case(mworld, tmp_path, "none", "none", stall_timeout_s=30.0)
+    finally:
+        mworld.box.set_fault(None)
+    # stopped within a third of the stall timeout, twice (the fault follows the job to the retry box)
+    assert job.state == S.FAILED and job.failure_kind == "host_fault", job.reason
+    assert job.attempt == 2
+    assert mworld.vast.live_instances() == []
+
+
+async def test_oom_in_the_final_sampling_pass_ends_succeeded(mworld: SimWorld, tmp_path: Path) -> None:
+    mworld.box.set_sec_per_step(0.03)
+    mworld.box.set_fault("oom_final")
+    try:
+        job, _ = await run_case(mworld, tmp_path, "none", "none", recipe={"sample_every": 15})
+    finally:
+        mworld.box.set_fault(None)
+    assert job.state == S.SUCCEEDED and job.lora_url, job.reason
+    assert "after the final save" in job.measured["trainer_warning"]
+    assert mworld.vast.live_instances() == []
+
+
+async def test_a_silent_model_download_gets_the_load_stall_allowance(mworld: SimWorld, tmp_path: Path) -> None:
+    """Images before 2026-06-24 print nothing while the base model downloads: before the first step
+    and without any download bar, silence may last LORABOT_LOAD_STALL_TIMEOUT_S, not the stall timeout."""
+    mworld.box.set_sec_per_step(0.03)
+    mworld.box.set_fault("hang_load")
+    try:
+        t0 = asyncio.get_running_loop().time()
+        job, _ = await run_case(mworld, tmp_path, "none", "none", stall_timeout_s=0.5, load_stall_timeout_s=4.0)
+        took = asyncio.get_running_loop().time() - t0
+    finally:
+        mworld.box.set_fault(None)
+    assert job.state == S.FAILED and job.failure_kind == "stalled", job.reason
+    assert took >= 4.0
     assert mworld.vast.live_instances() == []

@@ -17,9 +17,10 @@ import httpx
 import pytest
 
 from services.jobs import Job, JobState, JobStore
-from services.jobs.events import Finished, Progress, Readiness, SampleImage
+from services.jobs.events import Finished, LogSnippet, Progress, Readiness, SampleImage
 from services.jobs.intake import draft
 from services.jobs.worker import Worker
+from services.storage import job_keys
 from services.vastai import VastClient
 from tests.services.jobs.conftest import Recorder, dataset_zip
 from tests.sim.world import HF_TOKEN, SimWorld
@@ -105,7 +106,9 @@ async def test_happy_path_from_draft_to_link(h: Harness) -> None:
     header_len = int.from_bytes(body[:8], "little")
     assert b"lora" in body[8:8 + header_len]
     steps = [e.step for e in h.recorder.of(Readiness)]  # type: ignore[attr-defined]
-    for expected in ("renting", "rented", "api", "tcp", "auth", "probe", "uploading", "uploaded", "launched"):
+    # "downloading": the base model's download bars are passed on
+    for expected in ("renting", "rented", "api", "tcp", "auth", "probe", "uploading", "uploaded", "launched",
+                     "downloading"):
         assert expected in steps, (expected, steps)
     assert h.recorder.of(Progress) and h.recorder.of(SampleImage)
     (finished,) = h.recorder.of(Finished)
@@ -184,3 +187,90 @@ async def test_a_command_failing_as_the_host_dies_gets_the_infra_retry(world: Si
         done = await h.worker.wait(job_id, timeout=120)
         assert done.state == JobState.SUCCEEDED, done.reason
         assert done.attempt == 2 and done.instance_id != job.instance_id
+
+
+# --- the real ai-toolkit (issue 16) -------------------------------------------------------------
+async def test_oom_in_the_final_sampling_pass_still_delivers_the_lora(h: Harness) -> None:
+    """ai-toolkit saves the final LoRA, then runs a last sampling pass; an OOM there exits 1 with a
+    complete LoRA on disk: the job succeeds, the late error is passed on as a warning."""
+    h.world.box.set_sec_per_step(0.02)
+    h.world.box.set_fault("oom_final")
+    try:
+        job_id = await h.submit(steps=12)
+        job = await h.worker.wait(job_id, timeout=90)
+    finally:
+        h.world.box.set_fault(None)
+    assert job.state == JobState.SUCCEEDED, job.reason
+    assert job.lora_url and h.world.vast.live_instances() == []
+    assert "GPU ran out of memory" in job.measured["trainer_warning"]
+    warnings = [e.text for e in h.recorder.of(LogSnippet) if e.text.startswith("warning:")]  # type: ignore[attr-defined]
+    assert warnings and "after the final save" in warnings[0]
+    # the final file was backed up as soon as its line appeared, with its size and sha256
+    assert job.artifacts["checkpoint"].endswith(f"lora_{job_id}.safetensors")
+    assert len(job.artifacts["checkpoint_sha256"]) == 64 and int(job.artifacts["checkpoint_size"]) > 0
+
+
+async def test_a_truncated_checkpoint_in_r2_makes_the_retry_start_fresh(h: Harness) -> None:
+    """A restore that does not match the size and sha256 recorded at backup is not used: ai-toolkit
+    would load the newest `<name>*` file and die on it. The retry starts fresh and says so."""
+    h.world.box.set_sec_per_step(0.1)
+    job_id = await h.submit(steps=40)
+    for _ in range(600):
+        job = await h.store.require(job_id)
+        if job.artifacts.get("checkpoint") and job.step >= 15:
+            break
+        await asyncio.sleep(0.05)
+    key = job.artifacts["checkpoint"]
+    s3 = h.world.s3.client()
+    body = s3.get_object(Bucket=h.world.s3.bucket, Key=key)["Body"].read()
+    s3.put_object(Bucket=h.world.s3.bucket, Key=key, Body=body[: len(body) // 2])  # truncated in R2
+    h.world.vast.vanish(job.instance_id)
+    job_dir = h.world.box.remote_root / "jobs" / job_id
+    kill_job_processes(job_dir)
+    shutil.rmtree(job_dir, ignore_errors=True)
+    done = await h.worker.wait(job_id, timeout=120)
+    assert done.state == JobState.SUCCEEDED, done.reason
+    assert done.attempt == 2
+    notes = [e.detail for e in h.recorder.of(Readiness) if e.step == "resuming"]  # type: ignore[attr-defined]
+    assert notes and "could not be restored intact: starting fresh" in notes[0]
+    log = (h.world.box.remote_root / "jobs" / job_id / "log.txt").read_text()
+    assert "RESUMING" not in log and ".lorabot-restore.tmp" not in os.listdir(
+        h.world.box.remote_root / "jobs" / job_id / "output" / f"lora_{job_id}")
+
+
+async def test_the_retry_restores_the_optimizer_with_its_checkpoint(h: Harness) -> None:
+    h.world.box.set_sec_per_step(0.1)
+    job_id = await h.submit(steps=40)
+    for _ in range(600):
+        job = await h.store.require(job_id)
+        if job.artifacts.get("optimizer") and job.step >= 15:
+            break
+        await asyncio.sleep(0.05)
+    assert job.artifacts["optimizer_for"] == job.artifacts["checkpoint"]
+    h.world.vast.vanish(job.instance_id)
+    job_dir = h.world.box.remote_root / "jobs" / job_id
+    kill_job_processes(job_dir)
+    shutil.rmtree(job_dir, ignore_errors=True)
+    done = await h.worker.wait(job_id, timeout=120)
+    assert done.state == JobState.SUCCEEDED and done.attempt == 2, done.reason
+    log = (job_dir / "log.txt").read_text()
+    assert "Found step 10 in metadata" in log and "Loading optimizer state from" in log
+
+
+async def test_the_trainer_commit_is_recorded_at_launch(h: Harness) -> None:
+    import subprocess
+
+    head = subprocess.run(["git", "-C", str(h.world.box.aitoolkit_dir), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    job_id = await h.submit(steps=5)
+    job = await h.worker.wait(job_id, timeout=90)
+    assert job.state == JobState.SUCCEEDED, job.reason
+    assert job.measured["trainer_commit"] == head
+    launched = [e.detail for e in h.recorder.of(Readiness) if e.step == "launched"]  # type: ignore[attr-defined]
+    assert launched == [f"trainer started (ai-toolkit {head[:12]})"]
+    s3 = h.world.s3.client()
+    keys = job_keys(job.user_id, job.id, job.name)
+    summary = json.loads(s3.get_object(Bucket=h.world.s3.bucket, Key=keys.job)["Body"].read())
+    assert summary["measured"]["trainer_commit"] == head
+    log_text = s3.get_object(Bucket=h.world.s3.bucket, Key=keys.log)["Body"].read().decode()
+    assert log_text.startswith(f"lorabot: ai-toolkit commit {head}")

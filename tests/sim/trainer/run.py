@@ -14,7 +14,19 @@ Knobs (environment, or a `sim_fault` / `sim_sec_per_step` file next to this scri
   LORABOT_SIM_FAULT          comma list of: oom (while loading), oom@stepN (in a step, aborts after 3),
                              gated (401), disk_full (while downloading), disk_full@stepN (at a save),
                              hang@stepN (no output, forever), crash@stepN (SIGKILL, like the OOM killer),
-                             ignore_sigint, ignore_sigterm, exception@stepN (a plain Python error)
+                             ignore_sigint, ignore_sigterm, exception@stepN (a plain Python error),
+                             nan@stepN ("loss is nan" every step from N, loss shown as 0),
+                             oom_final (CUDA OOM in the final sampling pass, after the final save),
+                             host_fault@stepN (uncorrectable ECC error), host_hang@stepN (the same
+                             error printed, then hung), repo_missing (no such repo),
+                             hang_load (silent forever after "Loading transformer", like an old image
+                             downloading the base model), quiet_download (no download bars)
+
+The console output follows the real trainer (issue 16, reviews/ai-toolkit.md S3-1): the training bar
+is a tqdm bar with smoothing 0.7 whose pause/unpause around saves and samples makes the next rate
+spike, two frames per step (the postfix refresh with the old count, then the update), an opening
+`0/N` frame and a repeated close frame; rates padded like tqdm's `{:5.2f}`; 40-`=` banners; resume
+from the newest `<name>*` file by ctime, which dies on a truncated file like the real loader.
 """
 
 # ruff: noqa: UP031  (%-formatting: these scripts run on whatever Python the box has)
@@ -127,7 +139,9 @@ def need(d: Any, key: str, where: str) -> Any:
 # safetensors (header length, JSON header, raw data), LoRA-shaped
 
 
-def write_safetensors(path: str, rank: int, alpha: float, meta: dict, step: int) -> None:
+def write_safetensors(path: str, rank: int, meta: dict, step: int) -> None:
+    """A peft-format FLUX LoRA: lora_A/lora_B only. ai-toolkit forces alpha = rank for FLUX and its
+    peft save drops every `.alpha` key (S1-1)."""
     hidden = 3072  # FLUX transformer width
     tensors = {}
     blobs = []
@@ -148,10 +162,6 @@ def write_safetensors(path: str, rank: int, alpha: float, meta: dict, step: int)
             }
             blobs.append(data)
             offset += len(data)
-        alpha_data = struct.pack("<e", alpha)
-        tensors["%s.alpha" % base] = {"dtype": "F16", "shape": [], "data_offsets": [offset, offset + 2]}
-        blobs.append(alpha_data)
-        offset += 2
     tensors["__metadata__"] = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     header = json.dumps(tensors, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
@@ -191,17 +201,109 @@ def fmt_time(seconds: float) -> str:
     return "%d:%02d:%02d" % (h, m, s) if h else "%02d:%02d" % (m, s)
 
 
-def bar(desc: str, n: int, total: int, elapsed: float, postfix: str = "") -> None:
-    pct = int(100 * n / total) if total else 100
-    filled = int(10 * n / total) if total else 10
-    rate = n / elapsed if elapsed > 0 and n else 0.0
-    rate_s = ("%.2fit/s" % rate) if rate >= 1 else ("%.2fs/it" % (1 / rate) if rate else "?it/s")
-    remaining = fmt_time((total - n) / rate) if rate else "?"
-    text = "%s: %3d%%|%s%s| %d/%d [%s<%s, %s%s]" % (
-        desc, pct, "█" * filled, " " * (10 - filled), n, total, fmt_time(elapsed), remaining, rate_s,
-        (", " + postfix) if postfix else "",
-    )
-    sys.stderr.write("\r" + text)
+def read_safetensors_meta(path: str) -> dict:
+    """What the real loader does first: a truncated or empty file raises like safetensors does."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if len(raw) < 8:
+        raise JobError("Error while deserializing header: HeaderTooSmall", "safetensors_rust.SafetensorError")
+    n = struct.unpack("<Q", raw[:8])[0]
+    if 8 + n > len(raw):
+        raise JobError("Error while deserializing header: InvalidHeaderDeserialization",
+                       "safetensors_rust.SafetensorError")
+    header = json.loads(raw[8 : 8 + n])
+    end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"] or [0])
+    if 8 + n + end > len(raw):
+        raise JobError("Error while deserializing header: MetadataIncompleteBuffer",
+                       "safetensors_rust.SafetensorError")
+    return header.get("__metadata__") or {}
+
+
+class Bar:
+    """tqdm as ai-toolkit's ToolkitProgressBar drives it: smoothing 0.7, frames `\r`-led with no
+    newline, rate `{:5.2f}`, and pause()/unpause() that shift start_t and reset last_print_t, so the
+    first update after a pause feeds the EMA a tiny interval (the rate spikes, issue #818)."""
+
+    def __init__(self, desc: str, total: int, initial: int = 0) -> None:
+        self.desc, self.total, self.n = desc, total, initial
+        self.postfix = ""
+        self.start_t = self.last_print_t = time.time()
+        self.last_print_n = initial
+        self.alpha = 0.7
+        self.ema_dn = self.ema_dt = 0.0
+        self.calls = 0
+        self.paused_at = None  # type: float | None
+        self.refresh()
+
+    def _rate(self) -> float | None:
+        if not self.calls or not self.ema_dt:
+            return None
+        return self.ema_dn / self.ema_dt  # the bias corrections cancel
+
+    def refresh(self) -> None:
+        now = self.paused_at if self.paused_at is not None else time.time()
+        elapsed = now - self.start_t
+        rate = self._rate()
+        pct = 100 * self.n / self.total if self.total else 100
+        filled = int(10 * self.n / self.total) if self.total else 10
+        if rate is None:
+            rate_s, remaining = "?it/s", "?"
+        else:
+            rate_s = ("%5.2fit/s" % rate) if rate >= 1 else ("%5.2fs/it" % (1 / rate))
+            remaining = fmt_time((self.total - self.n) / rate)
+        text = "%s: %3.0f%%|%s%s| %d/%d [%s<%s, %s%s]" % (
+            self.desc, pct, "█" * filled, " " * (10 - filled), self.n, self.total, fmt_time(elapsed), remaining,
+            rate_s, (", " + self.postfix) if self.postfix else "",
+        )
+        sys.stderr.write("\r" + text)
+        sys.stderr.flush()
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
+        self.refresh()
+
+    def update(self, k: int) -> None:
+        if self.paused_at is not None:
+            return
+        self.n += k
+        now = time.time()
+        dt, dn = now - self.last_print_t, self.n - self.last_print_n
+        if dn > 0:
+            beta = 1 - self.alpha
+            self.ema_dn = self.alpha * dn + beta * self.ema_dn
+            self.ema_dt = self.alpha * dt + beta * self.ema_dt
+            self.calls += 1
+        self.last_print_t, self.last_print_n = now, self.n
+        self.refresh()
+
+    def pause(self) -> None:
+        if self.paused_at is None:
+            self.paused_at = time.time()
+
+    def unpause(self) -> None:
+        if self.paused_at is not None:
+            now = time.time()
+            self.start_t += now - self.paused_at
+            self.last_print_t = now
+            self.paused_at = None
+
+    def close(self) -> None:
+        self.refresh()
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def hf_download_bars() -> None:
+    """huggingface_hub's bars, shown in non-TTY logs since d586125b (2026-06-24): decimal units."""
+    files = ("diffusion_pytorch_model-00001-of-00003.safetensors", "diffusion_pytorch_model-00002-of-00003.safetensors")
+    sys.stderr.write("\rFetching %d files:   0%%|          | 0/%d [00:00<?, ?it/s]" % (len(files), len(files)))
+    for name in files:
+        for pct, done in ((0, "0.00"), (45, "4.49G"), (100, "9.98G")):
+            filled = "#" * (pct // 10)
+            sys.stderr.write("\r%s: %3d%%|%-10s| %s/9.98G [00:%02d<00:%02d, 243MB/s]" % (
+                name, pct, filled, done if pct else "0.00", pct // 5, (100 - pct) // 5))
+        sys.stderr.write("\n")
+    sys.stderr.write("\rLoading checkpoint shards: 100%|##########| 3/3 [00:01<00:00,  2.71it/s]\n")
     sys.stderr.flush()
 
 
@@ -239,7 +341,7 @@ def run_job(config: dict) -> None:
     training_folder = str(need(proc, "training_folder", "process[0]"))
     network = need(proc, "network", "process[0]")
     rank = int(need(network, "linear", "network"))
-    alpha = float(network.get("linear_alpha", network.get("alpha", 1.0)))
+    alpha = rank  # FLUX is always peft format in ai-toolkit: linear_alpha is overwritten with the rank
     train = need(proc, "train", "process[0]")
     steps = int(train.get("steps", 1000))
     model = need(proc, "model", "process[0]")
@@ -282,8 +384,29 @@ def run_job(config: dict) -> None:
 
     # --- model loading -----------------------------------------------------------------------
     out("Loading Flux model")
+    if "repo_missing" in FAULTS:
+        raise JobError(
+            "%s is not a local folder and is not a valid model identifier listed on "
+            "'https://huggingface.co/models'\nIf this is a private repository, make sure to pass a token having "
+            "permission to this repo either by logging in with `hf auth login` or by passing `token=<your_token>`"
+            % model_path, "OSError")
+    if model.get("assistant_lora_path"):
+        out("Grabbing lora from the hub: %s" % model["assistant_lora_path"])
     out("Loading transformer")
-    if model_path.startswith("black-forest-labs/") and ("gated" in FAULTS or not os.environ.get("HF_TOKEN")):
+    if model_path.startswith("black-forest-labs/") and "gated" in FAULTS and os.environ.get("HF_TOKEN"):
+        # a valid token whose licence is not accepted: 403, and diffusers wraps it; GatedRepoError
+        # shows only in the chained traceback
+        url = "https://huggingface.co/%s/resolve/main/transformer/config.json" % model_path
+        raise JobError(
+            "%s is not a local folder and is not a valid model identifier listed on 'https://huggingface.co/models'"
+            "\nIf this is a private repository, make sure to pass a token having permission to this repo either by "
+            "logging in with `hf auth login` or by passing `token=<your_token>`" % model_path,
+            "OSError",
+            "huggingface_hub.errors.GatedRepoError: 403 Client Error. (Request ID: Root=1-sim)\n\nCannot access "
+            "gated repo for url %s.\nAccess to model %s is restricted and you are not in the authorized list. "
+            "Visit https://huggingface.co/%s to ask for access." % (url, model_path, model_path),
+        )
+    if model_path.startswith("black-forest-labs/") and not os.environ.get("HF_TOKEN"):
         url = "https://huggingface.co/%s/resolve/main/transformer/config.json" % model_path
         raise JobError(
             "401 Client Error. (Request ID: Root=1-sim)\n\nCannot access gated repo for url %s.\n"
@@ -302,12 +425,19 @@ def run_job(config: dict) -> None:
             "which 98.81 MiB is free. Process 4242 has 12.97 GiB memory in use.",
             "torch.OutOfMemoryError",
         )
+    if "hang_load" in FAULTS:
+        hang()
+    if "quiet_download" not in FAULTS:
+        hf_download_bars()
     sleep = min(0.05, SEC_PER_STEP)
     for line in ("Quantizing transformer", "Loading VAE", "Loading T5", "Quantizing T5", "Loading CLIP",
                  "Making pipe", "Preparing Model"):
         time.sleep(sleep)
         out(line)
-    out("create LoRA network. base dim (rank): %d, alpha: %g" % (rank, alpha))
+    if model.get("assistant_lora_path"):
+        out("Loading assistant lora")
+        out("Fusing in LoRA")
+    out("create LoRA network. base dim (rank): %d, alpha: %d" % (rank, alpha))
     out("create LoRA for U-Net: 494 modules.")
     out("enable LoRA for U-Net")
 
@@ -338,41 +468,61 @@ def run_job(config: dict) -> None:
             out("1 buckets made")
             out("Caching latents for %s" % folder)
             out(" - Saving latents to disk")
-            t0 = time.time()
-            for i in range(len(images)):
-                bar("Caching latents to disk", i + 1, len(images), time.time() - t0)
-            sys.stderr.write("\n")
+            cbar = Bar("Caching latents to disk", len(images))
+            for _ in range(len(images)):
+                cbar.update(1)
+            cbar.close()
             del captioned
 
-    # --- resume ------------------------------------------------------------------------------
+    # --- resume: get_latest_save_path globs <name>*.safetensors, <name>*.pt and <name>* and takes
+    # the newest by ctime, whatever it is (a stray "<name>...part" file included) ------------------
     start_step = 0
-    ckpts = sorted(f for f in os.listdir(out_dir) if re.fullmatch(re.escape(name) + r"_\d{9}\.safetensors", f))
-    if ckpts:
-        start_step = int(ckpts[-1][len(name) + 1 : -len(".safetensors")])
-        out("#### IMPORTANT RESUMING FROM %s ####" % os.path.join(out_dir, ckpts[-1]))
+    found = [os.path.join(out_dir, f) for f in os.listdir(out_dir) if f.startswith(name)]
+    if found:
+        latest = max(found, key=os.path.getctime)
+        out("#### IMPORTANT RESUMING FROM %s ####" % latest)
+        out("Loading from %s" % latest)
+        meta_in = read_safetensors_meta(latest)
+        info = meta_in.get("training_info")
+        if info:
+            start_step = int(json.loads(info).get("step", 0))
+            out("Found step %d in metadata, starting from there" % start_step)
+        opt = os.path.join(out_dir, "optimizer.pt")
+        if os.path.exists(opt):
+            out("Loading optimizer state from %s" % opt)
 
     samples_dir = os.path.join(out_dir, "samples")
     meta = dict(config.get("meta") or {}, ss_output_name=name)
 
-    def make_samples(step: int) -> None:
+    def make_samples(step: int, final: bool = False) -> None:
         if disable_sampling or not prompts:
             return
-        os.makedirs(samples_dir, exist_ok=True)
-        t0 = time.time()
+        if model.get("assistant_lora_path"):
+            out("Unloading assistant lora")
+        if final and "oom_final" in FAULTS:
+            raise JobError(
+                "CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of 23.55 GiB of "
+                "which 1.01 GiB is free.", "torch.OutOfMemoryError")
+        os.makedirs(os.path.join(samples_dir, ".thumbs"), exist_ok=True)
+        gbar = Bar("Generating Images", len(prompts))
         for i in range(len(prompts)):
             ms = int(time.time() * 1000)
-            write_sample(os.path.join(samples_dir, "%d__%09d_%d.jpg" % (ms, step, i)), step, i, 64)
-            bar("Generating Images", i + 1, len(prompts), time.time() - t0)
+            fname = "%d__%09d_%d.jpg" % (ms, step, i)
+            write_sample(os.path.join(samples_dir, fname), step, i, 64)
+            write_sample(os.path.join(samples_dir, ".thumbs", fname), step, i, 32)
+            gbar.update(1)
         sys.stderr.write("\r")
+        if model.get("assistant_lora_path"):
+            out("Loading assistant lora")
 
     def save_at(step: int, final: bool = False) -> None:
         path = os.path.join(out_dir, "%s.safetensors" % name if final else "%s_%09d.safetensors" % (name, step))
         if not final:
-            out("Saving at step %d" % step)
+            out("\nSaving at step %d" % step)
         m = dict(meta, training_info={"step": step, "epoch": 0})
         if trigger:
-            m["ss_tag_frequency"] = {"1_dataset": {trigger: 1}}
-        write_safetensors(path, rank, alpha, m, step)
+            m["ss_tag_frequency"] = {"1_%s" % trigger: {trigger: 1}}
+        write_safetensors(path, rank, m, step)
         out("Saved checkpoint to %s" % path)
         if not final:
             with open(os.path.join(out_dir, "optimizer.pt"), "wb") as fh:
@@ -384,58 +534,75 @@ def run_job(config: dict) -> None:
                 out("Removing old save: %s" % os.path.join(out_dir, old))
                 os.remove(os.path.join(out_dir, old))
 
-    if start_step == 0 and not disable_sampling and prompts:
-        if sample.get("skip_first_sample") or train.get("skip_first_sample"):
-            out("Skipping first sample due to config setting")
-        else:
-            out("Generating baseline samples before training")
-            make_samples(0)
+    if train.get("skip_first_sample") or disable_sampling:
+        out("Skipping first sample due to config setting")
+    elif start_step <= 1 and prompts:
+        out("Generating baseline samples before training")
+        make_samples(0)
 
     # --- training ----------------------------------------------------------------------------
+    # the real loop (BaseSDTrainProcess.run): for loop index `step`, train, set_postfix_str (a frame
+    # with the old count and this step's loss), save/sample at `step` (paused), update to step + 1
     lr = float(train.get("lr", 1e-6))
-    t0 = time.time()
     oom_streak = 0
     rnd = random.Random(0)
+    pbar = Bar(name, steps, initial=start_step)
+    pbar.pause()
     step = start_step
     while step < steps:
         step_no = step + 1
+        pbar.unpause()
         if FAULTS.get("hang") is not None and step_no >= FAULTS["hang"]:
             hang()
         if FAULTS.get("crash") is not None and step_no >= FAULTS["crash"]:
             os.kill(os.getpid(), signal.SIGKILL)
         if FAULTS.get("exception") is not None and step_no >= FAULTS["exception"]:
             raise RuntimeError("sim: exception in training step %d" % step_no)
+        if FAULTS.get("host_hang") is not None and step_no >= FAULTS["host_hang"]:
+            out("")
+            out("RuntimeError: CUDA error: uncorrectable ECC error encountered")
+            hang()
+        if FAULTS.get("host_fault") is not None and step_no >= FAULTS["host_fault"]:
+            raise JobError("CUDA error: uncorrectable ECC error encountered\nCUDA kernel errors might be "
+                           "asynchronously reported at some other API call", "torch.AcceleratorError")
         time.sleep(SEC_PER_STEP)
         if FAULTS.get("oom") is not None and step_no >= FAULTS["oom"]:
             oom_streak += 1
             if oom_streak > 3:
                 raise RuntimeError("OOM during training step 3 times in a row, aborting training")
-            sys.stderr.write("\n")
+            out("")
             out("#############################################")
             out("# OOM during training step, skipping batch %d/3 #" % oom_streak)
             out("#############################################")
             continue
         oom_streak = 0
-        step = step_no
-        loss = 0.6 * (1 + rnd.random()) / (1 + step / 50)
-        bar(name, step, steps, time.time() - t0, "lr: %.1e loss: %.3e" % (lr, loss))
-        if step % save_every == 0 and step != steps and step > 0:
-            sys.stderr.write("\n")
+        loss = 0.6 * (1 + rnd.random()) / (1 + step_no / 50)
+        if FAULTS.get("nan") is not None and step_no >= FAULTS["nan"]:
+            out("loss is nan")  # lands glued after the last frame, which ends in \r, not \n
+            loss = 0.0
+        pbar.set_postfix_str("lr: %.1e loss: %.3e" % (lr, loss))
+        if step != start_step and save_every and step % save_every == 0:
+            pbar.pause()
             save_at(step)
-        if sample_every and step % sample_every == 0 and step != steps:
+            pbar.unpause()
+        if step != start_step and sample_every and step % sample_every == 0:
+            pbar.pause()
             make_samples(step)
-    sys.stderr.write("\n")
+            pbar.unpause()
+        pbar.update(step + 1 - pbar.n)
+        step = step_no
+    pbar.close()
     save_at(steps, final=True)
-    make_samples(steps)
+    make_samples(steps, final=True)
     out("")
 
 
 def banner_failure(exc: BaseException) -> None:
-    out("=" * 45)
+    out("=" * 40)
     out("Result:")
     out(" - 0 completed jobs")
     out(" - 1 failure")
-    out("=" * 45)
+    out("=" * 40)
 
 
 def main(argv: list) -> int:
@@ -456,9 +623,9 @@ def main(argv: list) -> int:
         run_job(config)
     except KeyboardInterrupt:
         sys.stderr.write("\n")
-        out("=" * 45)
+        out("=" * 40)
         out("Job stopped")
-        out("=" * 45)
+        out("=" * 40)
         return 0
     except Exception as exc:
         kind = exc.args[1] if isinstance(exc, JobError) and len(exc.args) > 1 else type(exc).__name__
@@ -468,6 +635,11 @@ def main(argv: list) -> int:
         sys.stderr.write("\n")
         out("Error running job: %s" % message)
         banner_failure(exc)
+        if isinstance(exc, JobError) and len(exc.args) > 2:
+            sys.stdout.write("Traceback (most recent call last):\n  File \"huggingface_hub/utils/_http.py\", "
+                             "line 409, in hf_raise_for_status\n")
+            out(exc.args[2])
+            out("\nThe above exception was the direct cause of the following exception:\n")
         sys.stdout.write("Traceback (most recent call last):\n  File \"run.py\", line 90, in <module>\n")
         out("%s: %s" % (kind, message))
         return 1
