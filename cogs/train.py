@@ -16,6 +16,7 @@ from discord.ext import commands
 
 from bot import embeds
 from bot.app import LoraBot, NotAllowed, UserFacingError, defer, report_error, send_ephemeral
+from bot.preflight import preflight_text
 from services.jobs.intake import decline, draft
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,9 @@ class Train(commands.Cog):
         bot = self.bot
         if not bot.can_train(interaction):
             raise NotAllowed("You need one of these roles to train: " + ", ".join(bot.settings.train_roles) + ".")
+        refusal = preflight_text(interaction)  # before anything is downloaded or rented (issue 15)
+        if refusal is not None:
+            raise UserFacingError(refusal)
         if (dataset is None) == (url is None):
             raise UserFacingError("Give the dataset either as an attachment (`dataset`) or as a link (`url`), "
                                   "not both and not neither.")

@@ -16,7 +16,7 @@ from services.jobs.intake import draft
 from services.jobs.model import JobState
 from services.settings import Settings, load_settings
 from tests.services.jobs.conftest import dataset_zip
-from tests.sim.discord import FakeDiscord, running_bot
+from tests.sim.discord import ATTACH_FILES, DEFAULT_BOT_PERMISSIONS, EMBED_LINKS, FakeDiscord, running_bot
 from tests.sim.vast import VastEmulator
 
 OWNER, STRANGER, ADMIN = 1001, 2002, 3003
@@ -238,3 +238,17 @@ async def test_a_429_storm_loses_no_answers(bot: LoraBot, fake: FakeDiscord) -> 
         msg = await answer(fake, ix, timeout=15)
         assert msg.embeds and "would rent now" in msg.embeds[0]["description"]
     assert len(fake.rate_limited) == 6
+
+
+async def test_train_in_a_channel_without_embed_links_is_refused_before_renting(
+    bot: LoraBot, fake: FakeDiscord, vast: VastEmulator
+) -> None:
+    fake.set_bot_permissions(fake.channel_id, DEFAULT_BOT_PERMISSIONS & ~EMBED_LINKS & ~ATTACH_FILES)
+    att = fake.add_attachment("set.zip", dataset_zip())
+    ix = fake.slash("train", {"name": "cat", "trigger_word": "sks"}, attachments={"dataset": att},
+                    roles=["Trainers"], user_id=OWNER)
+    msg = await answer(fake, ix)
+    assert msg.ephemeral
+    assert "missing: Embed Links, Attach Files" in msg.content, msg.content
+    assert fake.downloads == [] and creates(vast) == []
+    assert await bot.require_store().find(user_id=str(OWNER)) == []
