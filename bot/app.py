@@ -163,7 +163,7 @@ class LoraBot(commands.Bot):
             intents=intents,
             help_command=None,
             tree_cls=LoraTree,
-            allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True),
+            allowed_mentions=discord.AllowedMentions.none(),  # pings are opted into per message
             **options,
         )
         _shield_requests(self.http)
@@ -176,7 +176,9 @@ class LoraBot(commands.Bot):
         self.store: JobStore | None = None
         self.worker: Worker | None = None
         self.synced: bool | None = None  # after setup: whether this start sent the commands
-        self.notifier = DiscordNotifier(self, settings, on_status_message=self._remember_status_message)
+        self._redelivery: asyncio.Task[int] | None = None
+        self.notifier = DiscordNotifier(self, settings, on_status_message=self._remember_status_message,
+                                        on_fields=self._remember_fields)
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def setup_hook(self) -> None:
@@ -189,8 +191,13 @@ class LoraBot(commands.Bot):
             await self.worker.start()  # recovers jobs a previous process left running
         if self._sync_commands:
             self.synced = await self.sync_commands()
+        from bot.delivery import redeliver_results  # issue 15: results a previous process could not deliver
+
+        self._redelivery = asyncio.create_task(redeliver_results(self), name="lorabot-redeliver")
 
     async def close(self) -> None:
+        if self._redelivery is not None:
+            self._redelivery.cancel()
         try:
             # a slow or rate-limited Discord must not hold up a shutdown
             async with asyncio.timeout(SHUTDOWN_FLUSH_S):
@@ -212,6 +219,18 @@ class LoraBot(commands.Bot):
         if self.store is not None:
             await self.store.update(job_id, status_message_id=message_id)
 
+    async def _remember_fields(self, job_id: str, fields: dict[str, Any]) -> None:
+        if self.store is not None:
+            await self.store.update(job_id, **fields)
+
+    def storage(self) -> Storage | None:
+        """R2 for fresh links (/status, /link, redelivery): the worker's, else one from the settings."""
+        if self.worker is not None and self.worker.storage is not None:
+            return self.worker.storage
+        if self._storage is None and self.settings.r2_bucket:
+            self._storage = Storage.from_settings(self.settings)
+        return self._storage
+
     # --- services the cogs use ------------------------------------------------------------------
     def vast(self) -> VastClient:
         """A fresh Vast.ai client; use as `async with bot.vast() as client:`."""
@@ -231,7 +250,8 @@ class LoraBot(commands.Bot):
         return redact(text, self._secrets)
 
     def clean(self, embed: discord.Embed) -> discord.Embed:
-        return embeds.redact_embed(embeds.fit_embed(embed), self._secrets)
+        # redact first, then fit: a secret cut in half by the fitting would no longer match
+        return embeds.fit_embed(embeds.redact_embed(embed, self._secrets))
 
     # --- who may do what -------------------------------------------------------------------------
     @staticmethod

@@ -146,6 +146,11 @@ class Job(BaseModel):
     link_expires_at: float | None = None
     artifacts: dict[str, str] = Field(default_factory=dict)
     measured: dict[str, Any] = Field(default_factory=dict)  # real phase durations, for the quote
+    # issue 15: when and where the result reached its owner (None: retried after a restart), and
+    # the samples thread (its id is the status message's id), kept so a restart reuses it
+    result_delivered_at: float | None = None
+    result_delivered_to: str | None = None  # "channel" | "dm"
+    samples_thread_id: int | None = None
 
     # ownership and control across processes
     owner: str | None = None
