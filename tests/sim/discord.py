@@ -56,7 +56,7 @@ DM_CHANNEL_PERMISSIONS = VIEW_CHANNEL | SEND_MESSAGES | EMBED_LINKS | ATTACH_FIL
 EMBED_LIMITS = {"title": 256, "description": 4096, "fields": 25, "field.name": 256, "field.value": 1024,
                 "footer.text": 2048, "author.name": 256}
 OLD_MESSAGE_S = 3600.0  # edits of messages older than this are capped (30046)
-MENTION_RE = re.compile(r"<@!?(\d{15,21})>")
+MENTION_RE = re.compile(r"<@!?(\d+)>")
 
 
 def _iso(ts: float | None = None) -> str:
