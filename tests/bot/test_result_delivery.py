@@ -4,8 +4,8 @@ discord.py against the fake Discord, which refuses what Discord refuses."""
 from __future__ import annotations
 
 import asyncio
-import time
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -169,7 +169,8 @@ async def test_a_log_with_four_backticks_and_a_mention_stays_in_its_block_and_pi
         bot: LoraBot, fake: FakeDiscord) -> None:
     job = await new_job(bot, fake)
     await bot.notifier.notify(job, Queued(1))
-    await bot.notifier.notify(job, LogSnippet("step 420/1500 loss=0.34\nsaving sample ````md\n<@999999999999999999> hi"))
+    text = "step 420/1500 loss=0.34\nsaving sample ````md\n<@999999999999999999> hi"
+    await bot.notifier.notify(job, LogSnippet(text))
     [status] = fake.channel_messages()
     [log_msg] = fake.channel_messages(status.id)  # in the job's thread, not the channel
     assert log_msg.mentions == [] and log_msg.mentions_per_write == [[]]
