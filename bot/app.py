@@ -76,10 +76,10 @@ class LoraTree(app_commands.CommandTree):
 
 async def report_error(interaction: discord.Interaction, error: BaseException) -> None:
     """Tell the user in one ephemeral line; log the traceback of anything unexpected."""
-    if isinstance(error, (*_PLAIN, app_commands.CheckFailure)):
+    if isinstance(error, app_commands.CommandOnCooldown):  # a CheckFailure too: test it first
+        text = f"Slow down: you can use this command again in {error.retry_after:.0f}s."
+    elif isinstance(error, (*_PLAIN, app_commands.CheckFailure)):
         text = str(error) or "You cannot use this command here."
-    elif isinstance(error, app_commands.CommandOnCooldown):
-        text = f"Slow down: try again in {error.retry_after:.0f}s."
     elif isinstance(error, app_commands.TransformerError):
         text = f"That value is not valid: {error.value!r}."
     elif isinstance(error, VastAuthError):
@@ -183,6 +183,9 @@ class LoraBot(commands.Bot):
     # --- lifecycle ----------------------------------------------------------------------------
     async def setup_hook(self) -> None:
         self.store = await JobStore(self.settings.db_path).open()
+        from bot.controls import DYNAMIC_ITEMS  # buttons that work after a restart (issue 15)
+
+        self.add_dynamic_items(*DYNAMIC_ITEMS)
         for ext in EXTENSIONS:
             await self.load_extension(ext)
         if self._start_worker:

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import discord
 
 from bot import embeds
+from bot.controls import status_view
 from services.jobs.events import (
     Cancelled,
     CostUpdate,
@@ -220,7 +221,8 @@ class DiscordNotifier:
 
     async def _post_status(self, track: _Track) -> None:
         old = track.message_id if track.continued else None
-        msg = await self._send(track.channel_id, embed=self._status_embed(track), track=track)
+        msg = await self._send(track.channel_id, embed=self._status_embed(track), track=track,
+                               view=status_view(track.job))
         if msg is None:
             return
         if old is not None and not track.capped:
@@ -230,7 +232,7 @@ class DiscordNotifier:
                                     color=embeds.COLOR_MUTED)
             pointer.set_footer(text=f"job {track.job.id}")
             with contextlib.suppress(discord.HTTPException):
-                await partial.edit(embed=pointer)
+                await partial.edit(embed=pointer, view=None)
         track.capped = False
         track.message_id = msg.id
         track.message_born = time.time()
@@ -250,7 +252,8 @@ class DiscordNotifier:
                 return
             partial = self._channel(track.channel_id, track.job).get_partial_message(track.message_id)
             try:
-                await self._retry(lambda: partial.edit(embed=self._status_embed(track)))
+                # the Cancel button while the job lives; none once it has ended
+                await self._retry(lambda: partial.edit(embed=self._status_embed(track), view=status_view(track.job)))
             except discord.NotFound:
                 track.message_id = None  # someone deleted it: post a new one
                 await self._post_status(track)
@@ -432,7 +435,7 @@ class DiscordNotifier:
     # --- sending --------------------------------------------------------------------------------
     async def _post(self, channel_id: int, *, content: str | None = None, embed: discord.Embed | None = None,
                     file_factory: Callable[[], discord.File] | None = None,
-                    ping: int | None = None) -> discord.Message:
+                    ping: int | None = None, view: discord.ui.View | None = None) -> discord.Message:
         """One post, retried on 429/5xx; raises what Discord finally answered."""
         channel = self._channel(channel_id)
         if content is not None:
@@ -446,6 +449,8 @@ class DiscordNotifier:
             kwargs["content"] = content
         if embed is not None:
             kwargs["embed"] = embeds.fit_embed(embed)
+        if view is not None:
+            kwargs["view"] = view
 
         async def go() -> discord.Message:
             if file_factory is not None:
@@ -456,9 +461,10 @@ class DiscordNotifier:
 
     async def _send(self, channel_id: int, *, content: str | None = None, embed: discord.Embed | None = None,
                     file_factory: Callable[[], discord.File] | None = None, ping: int | None = None,
-                    track: _Track | None = None) -> discord.Message | None:
+                    track: _Track | None = None, view: discord.ui.View | None = None) -> discord.Message | None:
         try:
-            return await self._post(channel_id, content=content, embed=embed, file_factory=file_factory, ping=ping)
+            return await self._post(channel_id, content=content, embed=embed, file_factory=file_factory, ping=ping,
+                                    view=view)
         except discord.HTTPException as exc:
             log.warning("discord notifier: could not post to channel %s (%s %s)", channel_id, exc.status, exc.code)
             if track is not None and _forbidden(exc) and channel_id == track.channel_id:

@@ -151,6 +151,7 @@ class Job(BaseModel):
     result_delivered_at: float | None = None
     result_delivered_to: str | None = None  # "channel" | "dm"
     samples_thread_id: int | None = None
+    confirm_by: float | None = None  # the quote's buttons answer until then (within the 15-min token)
 
     # ownership and control across processes
     owner: str | None = None

@@ -43,6 +43,7 @@ def make_settings(fake: FakeDiscord, vast: VastEmulator, root: Path, **extra: An
         "vastai_min_interval_s": 0.0, "vastai_timeout_s": 5.0, "db_path": str(root / "db.sqlite3"),
         "work_dir": str(root / "work"), "discord_edit_interval_s": 0.1, "max_price": 2.0,
         "reaper_interval_s": 3600.0, "dataset_min_images": 3,
+        "discord_train_cooldown_s": 0, "discord_offers_cooldown_s": 0,
         # canaries: none of these may ever reach Discord
         "hf_token": "CANARY-hf-token-0002", "r2_access_key_id": "CANARY-r2-id-0003",
         "r2_secret_access_key": "CANARY-r2-secret-0004",
@@ -191,10 +192,17 @@ async def test_cancel_by_a_stranger_is_refused(bot: LoraBot, fake: FakeDiscord, 
     assert [c["value"] for c in ac2.callbacks[0]["data"]["choices"]] == [d.job.id]
 
     # an admin (Manage Server) may cancel it; nothing was rented, so nothing is destroyed
+    # after a confirm step; the autocomplete offers live jobs only
     ix2 = fake.slash("cancel", {"job": d.job.id}, user_id=ADMIN, permissions=MANAGE_GUILD)
     msg2 = await answer(fake, ix2)
-    assert "no machine was running" in msg2.content
-    assert (await store.require(d.job.id)).state is JobState.CANCELLED
+    assert "Really cancel" in msg2.content and msg2.ephemeral
+    assert (await store.require(d.job.id)).state is JobState.AWAITING_CONFIRMATION
+    yes = fake.click(msg2.id, "lorabot:cancelyes", user_id=ADMIN, permissions=MANAGE_GUILD)
+    await fake.wait_for(lambda: "no machine was running" in fake.messages[msg2.id].content)
+    assert (await store.require(d.job.id)).state is JobState.CANCELLED and yes.callbacks[0]["type"] == 7
+    ac3 = fake.slash("cancel", {"job": d.job.id[:3]}, user_id=OWNER, focused="job")
+    await fake.wait_for(lambda: ac3.callbacks)
+    assert ac3.callbacks[0]["data"]["choices"] == []
 
 
 async def test_status_lists_own_jobs_and_errors_are_one_ephemeral_line(
@@ -231,7 +239,8 @@ async def test_a_vast_outage_is_one_clear_line_without_secrets(fake: FakeDiscord
 
 
 async def test_a_429_storm_loses_no_answers(bot: LoraBot, fake: FakeDiscord) -> None:
-    fake.rate_limit(r"^POST /api/v10/webhooks/", count=4, retry_after=0.05)
+    # the answer is an edit of the deferral (PATCH @original), the way Discord asks for it
+    fake.rate_limit(r"^PATCH /api/v10/webhooks/", count=4, retry_after=0.05)
     fake.rate_limit(r"^POST /api/v10/interactions/", count=2, retry_after=0.05, global_=True)
     ixs = [fake.slash("offers", {"limit": 1}) for _ in range(3)]
     for ix in ixs:
@@ -252,3 +261,15 @@ async def test_train_in_a_channel_without_embed_links_is_refused_before_renting(
     assert "missing: Embed Links, Attach Files" in msg.content, msg.content
     assert fake.downloads == [] and creates(vast) == []
     assert await bot.require_store().find(user_id=str(OWNER)) == []
+
+
+async def test_offers_and_train_have_working_per_user_cooldowns(fake: FakeDiscord, vast: VastEmulator,
+                                                               tmp_path: Path) -> None:
+    s = make_settings(fake, vast, tmp_path, discord_offers_cooldown_s=60, discord_train_cooldown_s=60)
+    async with running_bot(fake, s):
+        first = await answer(fake, fake.slash("offers", {"limit": 1}, user_id=OWNER), timeout=15)
+        assert first.embeds
+        second = await answer(fake, fake.slash("offers", {"limit": 1}, user_id=OWNER))
+        assert second.ephemeral and "Slow down" in second.content and "s." in second.content
+        other = await answer(fake, fake.slash("offers", {"limit": 1}, user_id=STRANGER), timeout=15)
+        assert other.embeds  # the cooldown is per user

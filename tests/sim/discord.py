@@ -746,6 +746,7 @@ class FakeDiscord:
             resource["message"] = self._message_json(m)
         elif kind in (6, 7):
             source = self._source_message_id(ix)
+            ix.original_id = source  # @original of a component interaction is the pressed message
             if kind == 7 and source in self.messages:
                 self._apply_edit(self.messages[source], data, files)
                 resource["message"] = self._message_json(self.messages[source])
@@ -1156,13 +1157,17 @@ class FakeDiscord:
 
     def click(self, message_id: int, custom_id: str, *, user_id: int = 1001, user_name: str | None = None,
               roles: Sequence[str] = (), permissions: int = 0) -> FakeInteraction:
-        """Press a button on a message the bot sent (only someone who can see it can press it)."""
+        """Press a button on a message the bot sent (only someone who can see it can press it).
+        `custom_id` may leave off a last `:<part>` when one button alone matches."""
         m = self.messages[message_id]
         if m.ephemeral and m.recipient_id is not None and m.recipient_id != user_id:
             raise PermissionError(f"user {user_id} cannot see the ephemeral message {message_id}")
         if m.channel_id in self.dm_channels.values() and self.dm_channels.get(user_id) != m.channel_id:
             raise PermissionError(f"user {user_id} cannot see a DM to someone else")
         ids = [c.get("custom_id") for row in m.components for c in row.get("components") or []]
+        prefixed = [i for i in ids if i and i.startswith(custom_id + ":")]
+        if custom_id not in ids and len(prefixed) == 1:  # "lorabot:confirm" for "lorabot:confirm:<job>"
+            custom_id = prefixed[0]
         if custom_id not in ids:
             raise ValueError(f"message {message_id} has no component {custom_id!r} (it has {ids})")
         data = {"custom_id": custom_id, "component_type": 2}
