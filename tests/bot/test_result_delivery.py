@@ -210,3 +210,57 @@ async def test_a_restart_mid_training_keeps_the_same_thread(fake: FakeDiscord, t
     in_thread = fake.channel_messages(status.id)
     assert [m.content for m in in_thread] == ["step 100", "step 200", "step 200"]
     assert len(fake.threads) == 1 and fake.channel_messages() == [status]
+
+
+async def test_30046_is_answered_at_once_with_a_fresh_status_message(fake: FakeDiscord, tmp_path: Path) -> None:
+    async with running_bot(fake, settings(fake, tmp_path), start_worker=False) as b:
+        job = await new_job(b, fake)
+        await b.notifier.notify(job, Queued(1))
+        [first] = fake.channel_messages()
+        fake.old_edit_cap = 0
+        fake.advance(3700)  # the status message is now over an hour old on Discord's side
+        await b.notifier.notify(job, Readiness("renting"))
+        await asyncio.sleep(0.2)
+        await b.notifier.flush()
+        edits = [r for r in fake.requests if r["method"] == "PATCH" and r["path"].endswith(f"/{first.id}")]
+        assert len(edits) <= 5, len(edits)  # discord.py's own tries at most, not 6 rounds of them
+        msgs = fake.channel_messages()
+        assert len(msgs) == 2 and "continued" in msgs[1].embeds[0]["description"]
+        assert (await b.require_store().require(job.id)).status_message_id == msgs[1].id
+
+
+async def test_a_replaced_status_message_points_at_its_successor(fake: FakeDiscord, tmp_path: Path) -> None:
+    s = settings(fake, tmp_path, discord_status_refresh_s=0.3)
+    async with running_bot(fake, s, start_worker=False) as b:
+        job = await new_job(b, fake)
+        await b.notifier.notify(job, Queued(1))
+        await b.notifier.notify(job, SampleImage(path=_png(tmp_path), step=1))
+        await asyncio.sleep(0.35)
+        await b.notifier.notify(job, Readiness("renting"))
+        await b.notifier.flush()
+    old, new = [m for m in fake.channel_messages() if m.embeds]
+    assert "continued below" in old.embeds[0]["description"] and str(new.id) in old.embeds[0]["description"]
+    assert old.components == [] and new.components  # the Cancel button moved to the live message
+    assert f"<#{old.id}>" in new.text()  # the new message links the samples thread
+
+
+def _png(root: Path) -> Path:
+    img = root / "p.png"
+    Image.new("RGB", (16, 16)).save(img)
+    return img
+
+
+def test_every_readiness_step_the_services_announce_has_a_label() -> None:
+    from bot.embeds import READINESS_LABELS
+    from services.progress import Phase
+
+    root = Path(__file__).resolve().parents[2] / "services"
+    steps = set()
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        steps |= set(re.findall(r"Readiness\(\s*\"([a-z_]+)\"", text))
+        steps |= set(re.findall(r"announce\(\s*\"([a-z_]+)\"", text))
+        steps |= set(re.findall(r"await advance\(\s*\"([a-z_]+)\"", text))
+    steps |= {p.value for p in Phase}
+    assert {"renting", "tcp", "downloading", "api"} <= steps
+    assert steps - set(READINESS_LABELS) == set()
