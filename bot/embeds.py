@@ -368,14 +368,16 @@ def status_embed(job: Job, *, steps: Sequence[str | tuple[str, str, float]] = ()
     lines = []
     if job.total_steps:
         lines.append(f"`{progress_bar(job.progress)}`")
-        lines.append(f"step {job.step}/{job.total_steps}" + (f" · {job.phase}" if job.phase else ""))
+        live_phase = job.phase and not job.state.terminal  # a finished job is not "training" any more
+        lines.append(f"step {job.step}/{job.total_steps}" + (f" · {job.phase}" if live_phase else ""))
     elif job.phase:
         lines.append(job.phase)
     if queue_position and job.state is JobState.QUEUED:
         lines.append(f"position in queue: {queue_position}")
     if continued:
         lines.append("(continued from an earlier status message)")
-    e.description = "\n".join(lines) or STATE_LABELS.get(job.state, job.state.value)
+    # the title already says the state; with a checklist below, repeating it says nothing
+    e.description = "\n".join(lines) or ("" if steps else STATE_LABELS.get(job.state, job.state.value))
     if job.eta_s is not None and not job.state.terminal:
         # a Discord timestamp: every reader's client counts it down between edits
         e.add_field(name="ETA", value=f"done {fmt_when(now + job.eta_s)}")
