@@ -99,8 +99,8 @@ def confirm_cancel_view(job_id: str) -> discord.ui.View:
 def confirm_cancel_text(job: Job) -> str:
     running = job.instance_id is not None and job.instance_gone_at is None
     what = "its GPU machine is destroyed" if running else "nothing is running yet"
-    return embeds.message(f"Really cancel job `{job.id}` (**{job.name or '?'}**)? It has cost "
-                          f"{embeds.fmt_money(job.cost_so_far())} so far; {what}.")
+    return (f"Really cancel job `{job.id}` (**{job.name or '?'}**)? It has cost "
+            f"{embeds.fmt_money(job.cost_so_far())} so far; {what}.")  # callers redact, then fit
 
 
 class CancelJobButton(_JobButton, template=r"lorabot:cancel:" + JOB):
@@ -118,8 +118,8 @@ class CancelJobButton(_JobButton, template=r"lorabot:cancel:" + JOB):
         if job.state.terminal:
             await _say(interaction, f"Job `{job.id}` is already {job.state.value}.")
             return
-        await interaction.response.send_message(confirm_cancel_text(job), view=confirm_cancel_view(job.id),
-                                                ephemeral=True)
+        text = embeds.message(_bot(interaction).redact(confirm_cancel_text(job)))
+        await interaction.response.send_message(text, view=confirm_cancel_view(job.id), ephemeral=True)
 
 
 class CancelYesButton(_JobButton, template=r"lorabot:cancelyes:" + JOB):
@@ -140,7 +140,7 @@ class CancelYesButton(_JobButton, template=r"lorabot:cancelyes:" + JOB):
         await interaction.response.edit_message(content=f"Cancelling job `{job.id}`…", view=None)
         result = await bot.require_worker().cancel(job.id, by=interaction.user.display_name)
         text = embeds.cancel_result_text(result.job, result.destroyed_instance_id, result.cost_usd)
-        await interaction.edit_original_response(content=bot.redact(text))
+        await interaction.edit_original_response(content=embeds.message(bot.redact(text)))
 
 
 class CancelNoButton(_JobButton, template=r"lorabot:cancelno:" + JOB):
@@ -206,7 +206,7 @@ class QuoteConfirmButton(_JobButton, template=r"lorabot:confirm:" + JOB):
             if not isinstance(exc, _PLAIN):
                 log.exception("submitting job %s failed", job.id)
             # never "Confirmed" followed by nothing: the quote itself says it did not start
-            await interaction.edit_original_response(content=bot.redact(embeds.message(f"Not started: {why}")))
+            await interaction.edit_original_response(content=embeds.message(bot.redact(f"Not started: {why}")))
             return
         where = "next to start" if position == 1 else f"number {position} in the queue"
         link = await _status_link(bot, job.id)

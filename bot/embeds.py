@@ -487,7 +487,7 @@ def instances_text(instances: Iterable[Any], destroyed: bool) -> str:
     lines = [f"{len(items)} orphaned instance(s) {verb}:"]
     for inst in items[:30]:
         lines.append(f"• `{inst.id}` {getattr(inst, 'label', None) or '?'}")
-    return message("\n".join(lines))
+    return "\n".join(lines)  # the caller redacts, then fits (message())
 
 
 # --- images ----------------------------------------------------------------------------------------

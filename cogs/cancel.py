@@ -7,6 +7,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot import embeds
 from bot.app import LoraBot, UserFacingError, defer
 from bot.controls import confirm_cancel_text, confirm_cancel_view
 from cogs.common import job_for, live_job_choices
@@ -25,7 +26,7 @@ class Cancel(commands.Cog):
         found = await job_for(bot, interaction, job, action="cancel")
         if found.state.terminal:
             raise UserFacingError(f"Job `{found.id}` is already {found.state.value}.")
-        await interaction.edit_original_response(content=bot.redact(confirm_cancel_text(found)),
+        await interaction.edit_original_response(content=embeds.message(bot.redact(confirm_cancel_text(found))),
                                                  view=confirm_cancel_view(found.id))
 
 

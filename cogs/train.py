@@ -82,7 +82,7 @@ class Train(commands.Cog):
 
     @app_commands.command(name="train", description="Train a FLUX LoRA on a zip of images (+ .txt captions).")
     @app_commands.describe(
-        name="A name for the LoRA (letters, digits, - and _)",
+        name="A name for the LoRA (letters, digits, spaces, '.', '-' and '_')",
         trigger_word="The word that will call up your subject in prompts",
         dataset="A .zip of images with optional .txt captions",
         url="Or an https link to the .zip",

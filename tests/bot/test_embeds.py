@@ -150,3 +150,15 @@ def test_shrink_image_fits_the_limit() -> None:
     assert len(data) <= 60_000 and ext == ".jpg"
     same, ext2 = embeds.shrink_image(b"small", limit=100)
     assert same == b"small" and ext2 == ""
+
+
+def test_redaction_comes_before_fitting() -> None:
+    """A secret straddling a limit must not leave its first half behind (review M9)."""
+    from bot.app import LoraBot
+    from services.settings import load_settings
+
+    secret = "CANARY-secret-straddling-0001"
+    bot = LoraBot(load_settings(r2_secret_access_key=secret), start_worker=False, sync_commands=False)
+    e = discord.Embed(description="x" * (embeds.MAX_DESCRIPTION - 10) + secret)
+    cleaned = bot.clean(e).description or ""
+    assert secret[:8] not in cleaned and len(cleaned) <= embeds.MAX_DESCRIPTION
