@@ -16,7 +16,8 @@ from services.jobs.model import Job, JobState
 
 def hidden_by_default(job: Job) -> bool:
     """Dry runs and datasets refused at the quote: never rented, never queued, nothing to follow."""
-    return job.state.terminal and job.rented_at is None and (job.reason == "dry run" or job.failure_kind == "user")
+    never_ran = job.state.terminal and job.rented_at is None
+    return never_ran and (job.reason.startswith("dry run") or job.failure_kind == "user")
 
 
 async def add_link(bot: LoraBot, e: discord.Embed, job: Job) -> discord.Embed:

@@ -273,3 +273,27 @@ async def test_offers_and_train_have_working_per_user_cooldowns(fake: FakeDiscor
         assert second.ephemeral and "Slow down" in second.content and "s." in second.content
         other = await answer(fake, fake.slash("offers", {"limit": 1}, user_id=STRANGER), timeout=15)
         assert other.embeds  # the cooldown is per user
+
+
+async def test_a_refused_submit_edits_the_quote_and_status_hides_dry_runs(fake: FakeDiscord, vast: VastEmulator,
+                                                                         tmp_path: Path) -> None:
+    s = make_settings(fake, vast, tmp_path, user_daily_budget=0.0001)
+    async with running_bot(fake, s) as b:
+        att = fake.add_attachment("set.zip", dataset_zip())
+        ix = fake.slash("train", {"name": "cat", "trigger_word": "sks", "steps": 100}, attachments={"dataset": att},
+                        user_id=OWNER)
+        quote = await answer(fake, ix, timeout=20)
+        assert quote.components, quote.content
+        click = fake.click(quote.id, "lorabot:confirm", user_id=OWNER)
+        await fake.wait_for(lambda: fake.messages[quote.id].content.startswith("Not started"))
+        assert "daily budget" in fake.messages[quote.id].content  # never "Confirmed" followed by nothing
+        assert click.callbacks[0]["type"] == 7 and fake.messages[quote.id].components == []
+        assert creates(vast) == []
+        dry = fake.slash("train", {"name": "dog", "trigger_word": "sks", "dry_run": True},
+                         attachments={"dataset": fake.add_attachment("d.zip", dataset_zip())}, user_id=OWNER)
+        await answer(fake, dry, timeout=20)
+        listing = await answer(fake, fake.slash("status", {}, user_id=OWNER))
+        names = [f["name"] for f in listing.embeds[0].get("fields", [])]
+        assert any("cat" in n for n in names) and not any("dog" in n for n in names)
+        everything = await answer(fake, fake.slash("status", {"everything": True}, user_id=OWNER))
+        assert any("dog" in f["name"] for f in everything.embeds[0]["fields"])
