@@ -122,3 +122,18 @@ def test_slash_options_are_checked_against_the_synced_definition(fake: FakeDisco
         fake.slash("train", {"steps": 100})
     with pytest.raises(ValueError, match="out of range"):
         fake.slash("train", {"name": "cat", "steps": 10})
+
+
+def test_command_overwrites_are_validated_and_creates_are_capped(fake: FakeDiscord, http: httpx.Client) -> None:
+    url = f"/applications/{fake.app_id}/guilds/{fake.guild_id}/commands"
+    bad_order = [{"name": "train", "description": "d", "type": 1, "options": [
+        {"name": "a", "description": "d", "type": 3},
+        {"name": "b", "description": "d", "type": 3, "required": True}]}]
+    assert http.put(url, json=bad_order).json()["code"] == 50035
+    assert http.put(url, json=[{"name": "Train", "description": "d", "type": 1}]).json()["code"] == 50035
+    assert http.put(url, json=[{"name": "t", "description": "x" * 101, "type": 1}]).json()["code"] == 50035
+    fake.max_command_creates = 2
+    assert http.put(url, json=[{"name": "a", "description": "d"}, {"name": "b", "description": "d"}]).status_code == 200
+    assert http.put(url, json=[{"name": "a", "description": "d2"}]).status_code == 200  # an update, not a create
+    again = http.put(url, json=[{"name": "c", "description": "d"}])
+    assert again.status_code == 429 and again.json()["code"] == 30034

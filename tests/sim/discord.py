@@ -162,6 +162,8 @@ class FakeDiscord:
         self.interactions: dict[int, FakeInteraction] = {}
         self.commands: dict[str, list[dict[str, Any]]] = {}  # "global" | str(guild_id) -> payload
         self.command_puts: list[tuple[str, list[dict[str, Any]]]] = []
+        self.command_creates: dict[str, int] = {}  # new command names per scope "today" (200 a day: 30034)
+        self.max_command_creates = 200
         self.threads: dict[int, dict[str, Any]] = {}
         self.attachments: dict[int, FakeFile] = {}
         self.downloads: list[int] = []  # attachment ids fetched by the bot
@@ -642,11 +644,48 @@ class FakeDiscord:
     def _scope(self, request: web.Request) -> str:
         return request.match_info.get("gid", "global")
 
+    def _invalid_commands(self, body: list[Any]) -> web.Response | None:
+        """What Discord refuses in a bulk overwrite (application-commands.mdx)."""
+        if len(body) > 100:
+            return self._form_error("_", "Must be 100 or fewer in length.")
+        for i, cmd in enumerate(body):
+            if not re.fullmatch(r"[-_\w]{1,32}", str(cmd.get("name", ""))) or cmd["name"] != cmd["name"].lower():
+                return self._form_error(f"{i}.name", "Command name is invalid", "APPLICATION_COMMAND_INVALID_NAME")
+            if cmd.get("type", 1) == 1 and not 1 <= len(cmd.get("description") or "") <= 100:
+                return self._form_error(f"{i}.description", "Must be between 1 and 100 in length.")
+            options = cmd.get("options") or []
+            if len(options) > 25:
+                return self._form_error(f"{i}.options", "Must be 25 or fewer in length.")
+            seen_optional = False
+            for j, opt in enumerate(options):
+                if not 1 <= len(opt.get("description") or "") <= 100:
+                    return self._form_error(f"{i}.options.{j}.description", "Must be between 1 and 100 in length.")
+                if len(opt.get("choices") or []) > 25:
+                    return self._form_error(f"{i}.options.{j}.choices", "Must be 25 or fewer in length.")
+                if opt.get("required") and seen_optional:
+                    return self._form_error(f"{i}.options.{j}.required", "Required options must be placed before "
+                                            "non-required options", "APPLICATION_COMMAND_OPTIONS_REQUIRED_INVALID")
+                seen_optional = seen_optional or not opt.get("required")
+            if len(json.dumps(cmd)) > 8000 * 2:  # name + description + values <= 8000 (JSON overhead allowed)
+                return self._form_error(f"{i}", "Command exceeds maximum size (8000)")
+        return None
+
     async def _put_commands(self, request: web.Request) -> web.Response:
         body = json.loads(await request.read())
         if not isinstance(body, list):
             return self._error(400, 50035, "Invalid Form Body")
+        invalid = self._invalid_commands(body)
+        if invalid is not None:
+            return invalid
         scope = self._scope(request)
+        known = {c.get("name") for c in self.commands.get(scope, [])}
+        with self._lock:
+            self.command_creates[scope] = self.command_creates.get(scope, 0) + sum(
+                1 for c in body if c.get("name") not in known)
+            if self.command_creates[scope] > self.max_command_creates:
+                return self._error(429, 30034, "Max number of daily application command creates has been reached "
+                                   "(200)", headers={"Via": "1.1 google", "Retry-After": "86400"},
+                                   retry_after=86400, **{"global": False})  # type: ignore[arg-type]
         out = []
         for cmd in body:
             stored = dict(cmd, id=str(self.snowflake()), application_id=str(self.app_id), version="1")
@@ -913,6 +952,9 @@ class FakeDiscord:
         with self._lock:
             self.threads[thread_id] = thread
             m.thread_id = thread_id
+        for ws in list(self._sockets):  # the guilds intent receives it, as from Discord
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self._dispatch(ws, "THREAD_CREATE", dict(thread, newly_created=True))
         return self._json(thread, 201)
 
     async def _typing(self, request: web.Request) -> web.Response:
