@@ -278,7 +278,7 @@ async def test_offers_and_train_have_working_per_user_cooldowns(fake: FakeDiscor
 async def test_a_refused_submit_edits_the_quote_and_status_hides_dry_runs(fake: FakeDiscord, vast: VastEmulator,
                                                                          tmp_path: Path) -> None:
     s = make_settings(fake, vast, tmp_path, user_daily_budget=0.0001)
-    async with running_bot(fake, s) as b:
+    async with running_bot(fake, s):
         att = fake.add_attachment("set.zip", dataset_zip())
         ix = fake.slash("train", {"name": "cat", "trigger_word": "sks", "steps": 100}, attachments={"dataset": att},
                         user_id=OWNER)
@@ -297,3 +297,22 @@ async def test_a_refused_submit_edits_the_quote_and_status_hides_dry_runs(fake: 
         assert any("cat" in n for n in names) and not any("dog" in n for n in names)
         everything = await answer(fake, fake.slash("status", {"everything": True}, user_id=OWNER))
         assert any("dog" in f["name"] for f in everything.embeds[0]["fields"])
+
+
+async def test_the_quote_buttons_work_after_a_restart(fake: FakeDiscord, vast: VastEmulator, tmp_path: Path) -> None:
+    s = make_settings(fake, vast, tmp_path)
+    async with running_bot(fake, s) as b:
+        att = fake.add_attachment("set.zip", dataset_zip())
+        ix = fake.slash("train", {"name": "cat", "trigger_word": "sks", "steps": 100}, attachments={"dataset": att},
+                        user_id=OWNER)
+        quote = await answer(fake, ix, timeout=20)
+        [job] = await b.require_store().find(user_id=str(OWNER))
+        ids = [c["custom_id"] for row in quote.components for c in row["components"]]
+        assert ids == [f"lorabot:confirm:{job.id}", f"lorabot:decline:{job.id}"]
+        assert job.confirm_by is not None and job.confirm_by <= ix.created_at + 15 * 60
+    async with running_bot(fake, s) as b2:
+        no = fake.click(quote.id, "lorabot:decline", user_id=OWNER)
+        await fake.wait_for(lambda: fake.messages[quote.id].content.startswith("Cancelled"))
+        assert no.callbacks[0]["type"] == 7
+        assert (await b2.require_store().require(job.id)).state is JobState.CANCELLED
+    assert creates(vast) == []
