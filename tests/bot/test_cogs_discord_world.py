@@ -72,6 +72,16 @@ async def test_train_from_attachment_to_a_working_link_after_tokens_expired(
     async with httpx.AsyncClient() as http:
         got = await http.get(link.group(1))
     assert got.status_code == 200 and len(got.content) > 8
+    assert f"<{link.group(1)}>" in final.content  # the link is in the text too
+    assert (await bot.require_store().require(job_id)).result_delivered_to == "channel"
+    # /status (tokens are fresh for a new interaction) shows its owner a freshly presigned link that works
+    fake.token_lifetime_s = 15 * 60
+    ix = fake.slash("status", {"job": job_id}, user_id=OWNER)
+    await fake.wait_for(lambda: fake.answered(ix), timeout=10)
+    fresh = re.search(r"\]\((http[^)]+)\)", fake.responses(ix)[0].text())
+    assert fresh is not None and "expires" in fake.responses(ix)[0].text()
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(fresh.group(1).replace("\\u0026", "&"))).status_code == 200
     # no secret of any setting ever reached Discord
     received = fake.received_text()
     for secret in bot.settings.secret_values():

@@ -264,3 +264,11 @@ def test_every_readiness_step_the_services_announce_has_a_label() -> None:
     steps |= {p.value for p in Phase}
     assert {"renting", "tcp", "downloading", "api"} <= steps
     assert steps - set(READINESS_LABELS) == set()
+
+
+async def test_a_cloudflare_ban_is_not_hammered(bot: LoraBot, fake: FakeDiscord) -> None:
+    job = await new_job(bot, fake)
+    await bot.notifier.notify(job, Queued(1))
+    fake.rate_limit(r"^POST /api/v10/channels/\d+/messages$", count=20, retry_after=1, cloudflare=True)
+    await bot.notifier.notify(job, LogSnippet("during the ban"))
+    assert len(fake.rate_limited) == 1  # one try; retrying only lengthens a Cloudflare ban
