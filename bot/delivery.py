@@ -32,6 +32,7 @@ async def fresh_link(bot: LoraBot, job: Job) -> tuple[str, float | None] | None:
 
 def _undelivered(job: Job, now: float, window_s: float) -> bool:
     return (job.state is JobState.SUCCEEDED and job.channel_id is not None and job.result_delivered_at is None
+            and job.result_owed
             and bool(job.lora_key or job.lora_url) and (job.finished_at or job.updated_at) > now - window_s)
 
 

@@ -237,6 +237,10 @@ class DiscordNotifier:
         track.message_id = msg.id
         track.message_born = time.time()
         track.last_edit = time.monotonic()
+        if old is None and not track.job.result_owed:
+            # from now on the owner is owed a result message: a restart delivers it if it never arrived
+            await self._store(track.job.id, result_owed=True)
+            track.job = track.job.model_copy(update={"result_owed": True})
         if self.on_status_message is not None:
             try:
                 await self.on_status_message(track.job.id, msg.id)

@@ -150,6 +150,7 @@ class Job(BaseModel):
     # the samples thread (its id is the status message's id), kept so a restart reuses it
     result_delivered_at: float | None = None
     result_delivered_to: str | None = None  # "channel" | "dm"
+    result_owed: bool = False  # set when its status was first posted: jobs from before issue 15 are not re-sent
     samples_thread_id: int | None = None
     confirm_by: float | None = None  # the quote's buttons answer until then (within the 15-min token)
 

@@ -157,12 +157,18 @@ async def test_an_undelivered_result_is_delivered_after_a_restart(fake: FakeDisc
         fake.set_bot_permissions(fake.channel_id, 0)
         fake.dm_closed.add(OWNER)
         done = await succeed(b, job)
-        assert done.result_delivered_at is None
+        assert done.result_delivered_at is None and done.result_owed
+        # a job finished by a bot from before this change: never re-sent (no flood on upgrade)
+        old = await new_job(b, fake, name="old", state=JobState.SUCCEEDED, lora_url=URL + "&old",
+                            finished_at=time.time())
     fake.set_bot_permissions(fake.channel_id, DEFAULT_BOT_PERMISSIONS)
     async with running_bot(fake, s, start_worker=False) as b2:
         await fake.wait_for(lambda: any(URL in m.content for m in fake.channel_messages()))
         got = await b2.require_store().require(job.id)
         assert got.result_delivered_to == "channel"
+        assert b2._redelivery is not None and await b2._redelivery == 1
+        assert (await b2.require_store().require(old.id)).result_delivered_at is None
+        assert not any("&old" in m.content for m in fake.channel_messages())
 
 
 async def test_a_log_with_four_backticks_and_a_mention_stays_in_its_block_and_pings_nobody(
