@@ -3,14 +3,18 @@
 - One status message per job, edited in place: throttled to one edit per `discord_edit_interval_s`,
   coalescing (only the newest state is written), and replaced by a fresh message before Discord's
   cap on edits of messages older than an hour (`discord_status_refresh_s`).
-- Readiness steps and progress go into that status message; log snippets are separate messages in a
-  code block; sample images go to a thread under the status message; the end of a job is a final
-  message (link, expiry, duration, cost, loss and a loss-curve PNG; or the failure with its class
-  and last log lines; or what a cancel destroyed and cost).
+- Readiness steps and progress go into that status message, with a persistent Cancel button; log
+  snippets (code blocks) and sample images go to a thread under it (its id, the message's, is stored);
+  the end of a job is a final message (link in text and embed, expiry, duration, cost, loss and a
+  loss-curve PNG; or the failure with advice and what was charged; or what a cancel destroyed).
+- The result always arrives: refused, it is posted again without the file and image, then sent by
+  DM; where it went is stored, and a restart re-sends an undelivered one (bot/delivery.py). A channel
+  that refuses the bot mutes the job there, and its owner hears it once by DM.
+- Only the owner is ever pinged, and only by the result or a final failure.
 - Everything goes through the channel with the bot token (never an interaction token, which dies
   after 15 minutes), and every text passes through `settings.redact` first.
 - A failing Discord never stops a job: 429s and 5xx are retried here on top of discord.py's own
-  retries, other errors are logged and dropped.
+  retries (never the edit cap 30046, an archived thread or a Cloudflare ban), other errors are logged.
 """
 
 from __future__ import annotations

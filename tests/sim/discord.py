@@ -12,9 +12,14 @@ subprocess (`lorabot run`) or a person's shell can all use it:
         await fake.wait_for(lambda: fake.followups(ix))
 
 Knobs: `rate_limit(...)` answers the next N matching requests with 429 + retry_after (global or
-per route), `token_lifetime_s` makes interaction tokens expire (401, code 50027), `latency_s`
-delays every REST answer. Everything received is recorded: `requests` (with the raw body),
-`messages` (with every edit and every file), and the interaction callbacks.
+per route, or Cloudflare's HTML 429), `token_lifetime_s` makes interaction tokens expire (401/50027
+on webhooks, 10062 on callbacks), `advance(s)` moves the fake's clock (token expiry, the 30046 cap on
+edits of hour-old messages), `latency_s` delays every REST answer, `set_bot_permissions(channel,
+bits)` drives `app_permissions` and the 403s (50001/50013), `dm_closed` refuses DMs (50007),
+`archive_thread`, `enforce_buckets`. It refuses what Discord refuses: message bodies (50035 with the
+field path, 50006), 160004/50024/50083 on threads, options that do not match the synced commands,
+presses on messages the presser cannot see. Everything received is recorded: `requests` (with the raw
+body), `rejected`, `messages` (with every edit, file and who each write pinged), the callbacks.
 
 Wire details follow ../shared/reference/discord.md §3c (exact `application/json` content type, a
 `Via` header on 429s, the `interaction` object in callback answers, the first followup after a
