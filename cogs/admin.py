@@ -29,7 +29,7 @@ class Admin(commands.Cog):
         await defer(interaction, ephemeral=True)
         found = await self.bot.require_worker().reconcile(destroy)
         text = embeds.message(self.bot.redact(embeds.instances_text(found, destroy)))  # redact, then fit
-        await interaction.followup.send(text, ephemeral=True)
+        await interaction.edit_original_response(content=text)
 
     @app_commands.command(name="balance", description="Admin: the Vast.ai account's credit.")
     @app_commands.default_permissions(manage_guild=True)
@@ -38,7 +38,7 @@ class Admin(commands.Cog):
         await defer(interaction, ephemeral=True)
         async with self.bot.vast() as client:
             b = await client.balance()
-        await interaction.followup.send(f"Vast.ai credit: {embeds.fmt_money(b.credit)}", ephemeral=True)
+        await interaction.edit_original_response(content=f"Vast.ai credit: {embeds.fmt_money(b.credit)}")
 
 
 async def setup(bot: commands.Bot) -> None:
