@@ -15,6 +15,7 @@ from tests.sim.discord import (
     EMBED_LINKS,
     SEND_MESSAGES,
     FakeDiscord,
+    FakeInteraction,
 )
 
 
@@ -137,3 +138,20 @@ def test_command_overwrites_are_validated_and_creates_are_capped(fake: FakeDisco
     assert http.put(url, json=[{"name": "a", "description": "d2"}]).status_code == 200  # an update, not a create
     again = http.put(url, json=[{"name": "c", "description": "d"}])
     assert again.status_code == 429 and again.json()["code"] == 30034
+
+
+def test_a_public_deferral_stays_public_and_tokens_expire_on_the_fakes_clock(fake: FakeDiscord) -> None:
+    # an interaction as the gateway would have delivered it (probed here without a client)
+    ix = FakeInteraction(fake.snowflake(), "itoken-probe", 2, "offers", 1001, fake.channel_id, fake.now())
+    fake.interactions[ix.id] = ix
+    with httpx.Client(base_url=fake.api_base) as http:
+        assert http.post(f"/interactions/{ix.id}/{ix.token}/callback", json={"type": 5}).status_code == 200
+        again = http.post(f"/interactions/{ix.id}/{ix.token}/callback", json={"type": 5})
+        assert again.json()["code"] == 40060
+        hook = f"/webhooks/{fake.app_id}/{ix.token}"
+        # the first followup fills the deferral and keeps its visibility: its ephemeral flag is ignored
+        first = http.post(hook, json={"content": "error", "flags": 64}).json()
+        assert first["flags"] & 64 == 0 and first["id"] == str(ix.original_id)
+        fake.advance(15 * 60 + 1)
+        late = http.patch(hook + "/messages/@original", json={"content": "late"})
+        assert late.status_code == 401 and late.json()["code"] == 50027
