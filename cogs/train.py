@@ -123,17 +123,6 @@ class Train(commands.Cog):
         elif url is not None and not url.lower().startswith("https://"):
             raise UserFacingError("The link must start with https://")
         await defer(interaction, ephemeral=True)
-        source: str | bytes
-        if dataset is not None:
-            try:
-                source = await dataset.read()
-            except discord.HTTPException as exc:
-                raise UserFacingError(f"Could not download `{dataset.filename}` from Discord ({exc.status}).") from None
-            if len(source) > limit:
-                raise UserFacingError(f"`{dataset.filename}` is larger than its announced size; refusing it.")
-        else:
-            assert url is not None
-            source = url
         overrides = {k: v for k, v in {"steps": steps, "rank": rank, "learning_rate": learning_rate}.items()
                      if v is not None}
         store = bot.require_store()
@@ -142,6 +131,18 @@ class Train(commands.Cog):
         # the buttons; past that the user would sit on "thinking…" forever
         try:
             async with asyncio.timeout(max(1.0, deadline - QUOTE_MIN_OPEN_S - time.time())):
+                source: str | bytes
+                if dataset is not None:
+                    try:
+                        source = await dataset.read()
+                    except discord.HTTPException as exc:
+                        raise UserFacingError(f"Could not download `{dataset.filename}` from Discord "
+                                              f"({exc.status}).") from None
+                    if len(source) > limit:
+                        raise UserFacingError(f"`{dataset.filename}` is larger than its announced size; refusing it.")
+                else:
+                    assert url is not None
+                    source = url
                 async with bot.vast() as client:
                     d = await draft(
                         store, bot.settings, source=source, user_id=str(interaction.user.id),
@@ -150,8 +151,8 @@ class Train(commands.Cog):
                         guild_id=interaction.guild_id, channel_id=interaction.channel_id, vast=client,
                     )
         except TimeoutError:
-            raise UserFacingError("Checking the dataset took longer than Discord lets me answer (15 min); "
-                                  "nothing was rented. Try a smaller dataset or a faster link.") from None
+            raise UserFacingError("Fetching and checking the dataset took longer than Discord lets me answer "
+                                  "(15 min); nothing was rented. Try a smaller dataset or a faster link.") from None
         shown: list[discord.Embed] = []
         if d.report is not None:
             shown.append(embeds.report_embed(d.report, name=name))

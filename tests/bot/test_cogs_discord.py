@@ -316,3 +316,19 @@ async def test_the_quote_buttons_work_after_a_restart(fake: FakeDiscord, vast: V
         assert no.callbacks[0]["type"] == 7
         assert (await b2.require_store().require(job.id)).state is JobState.CANCELLED
     assert creates(vast) == []
+
+
+async def test_the_quote_step_ends_inside_the_interaction_token(bot: LoraBot, fake: FakeDiscord, vast: VastEmulator,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    train_cog = sys.modules["cogs.train"]  # the module the running bot loaded as an extension
+    # a token with only ~1 s left for the download and QA, and a download that takes 2 s
+    monkeypatch.setattr(train_cog, "TOKEN_LIFE_S", train_cog.QUOTE_MIN_OPEN_S + train_cog.TOKEN_MARGIN_S + 1)
+    fake.cdn_latency_s = 2.0
+    att = fake.add_attachment("set.zip", dataset_zip())
+    ix = fake.slash("train", {"name": "cat", "trigger_word": "sks"}, attachments={"dataset": att},
+                    roles=["Trainers"], user_id=OWNER)
+    msg = await answer(fake, ix, timeout=10)
+    assert msg.ephemeral and "longer than Discord lets me answer" in msg.content
+    assert creates(vast) == []

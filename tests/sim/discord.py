@@ -161,6 +161,7 @@ class FakeDiscord:
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.token_lifetime_s = token_lifetime_s
         self.latency_s = latency_s
+        self.cdn_latency_s = 0.0  # a slow attachment download
 
         self.requests: list[dict[str, Any]] = []  # method, path, status, body (raw bytes)
         self.messages: dict[int, FakeMessage] = {}
@@ -966,6 +967,8 @@ class FakeDiscord:
         return web.Response(status=204)
 
     async def _attachment(self, request: web.Request) -> web.Response:
+        if self.cdn_latency_s:
+            await asyncio.sleep(self.cdn_latency_s)
         f = self.attachments.get(int(request.match_info["id"]))
         with self._lock:
             self.downloads.append(int(request.match_info["id"]))
