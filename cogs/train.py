@@ -103,7 +103,7 @@ class Train(commands.Cog):
         url: app_commands.Range[str, 8, 1000] | None = None,
         preset: Literal["character", "style", "fast"] | None = None,
         steps: app_commands.Range[int, 50, 20_000] | None = None,
-        rank: app_commands.Range[int, 1, 128] | None = None,
+        rank: Literal[4, 8, 16, 32, 64, 128] | None = None,
         learning_rate: app_commands.Range[float, 1e-6, 1e-2] | None = None,
         max_price: app_commands.Range[float, 0.01, 100.0] | None = None,
         dry_run: bool = False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -155,3 +156,18 @@ def test_a_public_deferral_stays_public_and_tokens_expire_on_the_fakes_clock(fak
         fake.advance(15 * 60 + 1)
         late = http.patch(hook + "/messages/@original", json={"content": "late"})
         assert late.status_code == 401 and late.json()["code"] == 50027
+
+
+async def test_train_rank_is_a_choice_a_client_enforces(fake: FakeDiscord, tmp_path: Path) -> None:
+    from services.settings import load_settings
+    from tests.sim.discord import running_bot
+
+    s = load_settings(discord_token=fake.token, discord_guild_id=fake.guild_id, db_path=str(tmp_path / "d.db"))
+    async with running_bot(fake, s, start_worker=False):
+        [train] = [c for c in fake.commands[str(fake.guild_id)] if c["name"] == "train"]
+        rank = next(o for o in train["options"] if o["name"] == "rank")
+        assert [c["value"] for c in rank["choices"]] == [4, 8, 16, 32, 64, 128]
+        lr = next(o for o in train["options"] if o["name"] == "learning_rate")
+        assert lr["max_value"] == 1e-2  # FLUX LoRA rates are ~1e-4 (review L7)
+        with pytest.raises(ValueError, match="choices"):
+            fake.slash("train", {"name": "cat", "trigger_word": "sks", "rank": 12})
