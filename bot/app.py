@@ -104,10 +104,10 @@ class LoraTree(app_commands.CommandTree):
 
 async def report_error(interaction: discord.Interaction, error: BaseException) -> None:
     """Tell the user in one ephemeral line; log the traceback of anything unexpected."""
-    if isinstance(error, (*_PLAIN, app_commands.CheckFailure)):
+    if isinstance(error, app_commands.CommandOnCooldown):  # a CheckFailure too: test it first
+        text = f"Slow down: you can use this command again in {error.retry_after:.0f}s."
+    elif isinstance(error, (*_PLAIN, app_commands.CheckFailure)):
         text = str(error) or "You cannot use this command here."
-    elif isinstance(error, app_commands.CommandOnCooldown):
-        text = f"Slow down: try again in {error.retry_after:.0f}s."
     elif isinstance(error, app_commands.TransformerError):
         text = f"That value is not valid: {error.value!r}."
     elif isinstance(error, VastAuthError):
@@ -191,7 +191,7 @@ class LoraBot(commands.Bot):
             intents=intents,
             help_command=None,
             tree_cls=LoraTree,
-            allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True),
+            allowed_mentions=discord.AllowedMentions.none(),  # pings are opted into per message
             # guild-only commands, installed to guilds (not to users): no DMs, no foreign contexts
             allowed_contexts=app_commands.AppCommandContext(guild=True, dm_channel=False, private_channel=False),
             allowed_installs=app_commands.AppInstallationType(guild=True, user=False),
@@ -207,13 +207,18 @@ class LoraBot(commands.Bot):
         self.store: JobStore | None = None
         self.worker: Worker | None = None
         self.synced: bool | None = None  # after setup: whether this start sent the commands
-        self.notifier = DiscordNotifier(self, settings, on_status_message=self._remember_status_message)
+        self._redelivery: asyncio.Task[int] | None = None
+        self.notifier = DiscordNotifier(self, settings, on_status_message=self._remember_status_message,
+                                        on_fields=self._remember_fields)
         self.add_listener(self._leave_foreign_guilds, "on_ready")
         self.add_listener(self._on_guild_join, "on_guild_join")
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def setup_hook(self) -> None:
         self.store = await JobStore(self.settings.db_path).open()
+        from bot.controls import DYNAMIC_ITEMS  # buttons that work after a restart (issue 15)
+
+        self.add_dynamic_items(*DYNAMIC_ITEMS)
         for ext in EXTENSIONS:
             await self.load_extension(ext)
         if self._start_worker:
@@ -222,8 +227,13 @@ class LoraBot(commands.Bot):
             await self.worker.start()  # recovers jobs a previous process left running
         if self._sync_commands:
             self.synced = await self.sync_commands()
+        from bot.delivery import redeliver_results  # issue 15: results a previous process could not deliver
+
+        self._redelivery = asyncio.create_task(redeliver_results(self), name="lorabot-redeliver")
 
     async def close(self) -> None:
+        if self._redelivery is not None:
+            self._redelivery.cancel()
         try:
             # a slow or rate-limited Discord must not hold up a shutdown
             async with asyncio.timeout(SHUTDOWN_FLUSH_S):
@@ -245,6 +255,18 @@ class LoraBot(commands.Bot):
         if self.store is not None:
             await self.store.update(job_id, status_message_id=message_id)
 
+    async def _remember_fields(self, job_id: str, fields: dict[str, Any]) -> None:
+        if self.store is not None:
+            await self.store.update(job_id, **fields)
+
+    def storage(self) -> Storage | None:
+        """R2 for fresh links (/status, /link, redelivery): the worker's, else one from the settings."""
+        if self.worker is not None and self.worker.storage is not None:
+            return self.worker.storage
+        if self._storage is None and self.settings.r2_bucket:
+            self._storage = Storage.from_settings(self.settings)
+        return self._storage
+
     # --- services the cogs use ------------------------------------------------------------------
     def vast(self) -> VastClient:
         """A fresh Vast.ai client; use as `async with bot.vast() as client:`."""
@@ -264,7 +286,8 @@ class LoraBot(commands.Bot):
         return redact(text, self._secrets)
 
     def clean(self, embed: discord.Embed) -> discord.Embed:
-        return embeds.redact_embed(embeds.fit_embed(embed), self._secrets)
+        # redact first, then fit: a secret cut in half by the fitting would no longer match
+        return embeds.fit_embed(embeds.redact_embed(embed, self._secrets))
 
     # --- who may do what -------------------------------------------------------------------------
     def allowed_guild(self, guild_id: int | None) -> bool:

@@ -55,20 +55,45 @@ STATE_LABELS: dict[JobState, str] = {
     JobState.CANCELLED: "cancelled",
 }
 
+# every Readiness step the pipeline, ssh.wait_ready and the trainer's phases announce (a test checks
+# that each `Readiness("...")` literal in services/ has one); worded to read as done (✓) or under way (⏳)
 READINESS_LABELS: dict[str, str] = {
     "renting": "renting a GPU",
     "rented": "GPU rented",
+    "api": "machine booting",
     "api_running": "machine booted",
-    "tcp": "SSH port open",
-    "auth": "SSH login works",
-    "probe": "GPU checked",
-    "uploading": "uploading the dataset",
-    "uploaded": "dataset uploaded and verified",
+    "tcp": "SSH port",
+    "auth": "SSH login",
+    "probe": "GPU check",
+    "ready": "machine ready",
+    "uploading": "dataset upload",
+    "uploaded": "dataset verified on the machine",
+    "resuming": "resuming from a checkpoint",
     "launched": "trainer started",
-    "downloading_model": "downloading the base model",
+    "downloading": "base model download",
+    "downloading_model": "base model download",
+    "loading": "loading the base model",
     "loading_model": "loading the base model",
+    "quantizing": "quantizing the model",
     "caching_latents": "caching latents",
+    "sampling": "sample images",
     "training": "training",
+    "saving": "saving a checkpoint",
+    "done": "trainer finished",
+    "collecting": "storing the LoRA",
+}
+
+# what to do next, per failure kind (services.progress.FailureKind and the pipeline's own kinds)
+FAILURE_ADVICE: dict[str, str] = {
+    "cuda_oom": "The GPU ran out of memory: try a lower `rank` (16 or less) or the `fast` preset.",
+    "killed": "The machine ran out of system memory: try again; the bot picks hosts with more RAM.",
+    "gated_model": "The base model could not be downloaded (Hugging Face token or licence): tell the operator.",
+    "disk_full": "The machine's disk filled up: try again; tell the operator if it repeats.",
+    "no_images": "The trainer found no usable images: check the zip with `/train dry_run:True`.",
+    "user": "Fix the dataset or the options and run /train again.",
+    "stalled": "The trainer stopped making progress (not your doing): run /train again.",
+    "stall": "The trainer stopped making progress (not your doing): run /train again.",
+    "infra": "The rented machine failed (not your doing): run /train again.",
 }
 
 
@@ -89,11 +114,20 @@ def truncate_head(text: str, limit: int) -> str:
     return ELLIPSIS + text[len(text) - limit + 1:]
 
 
+def defuse(text: str) -> str:
+    """Break every backtick run (a zero-width space after each backtick: no run of two or more is
+    left, so nothing inside can open or close a fence) and every `<@`, `<#`, `@everyone`/`@here`."""
+    text = text.replace("`", "`\u200b")
+    for token in ("<@", "<#", "@everyone", "@here"):
+        text = text.replace(token, token[0] + "\u200b" + token[1:])
+    return text
+
+
 def code_block(text: str, limit: int, lang: str = "") -> str:
-    """A fenced code block of at most `limit` characters, keeping the last lines; fences inside the
-    text are defused so the block cannot be closed early."""
+    """A fenced code block of at most `limit` characters, keeping the last lines; backticks and
+    mentions inside the text are defused so the block cannot be closed early nor ping anyone."""
     fence_open, fence_close = f"```{lang}\n", "\n```"
-    body = text.replace("```", "`\u200b``").strip("\n") or " "
+    body = defuse(text).strip("\n") or " "
     room = limit - len(fence_open) - len(fence_close)
     if room < 2:
         return truncate(body, limit)
@@ -300,8 +334,32 @@ def quote_embed(job: Job, quote: Any, offer: Offer | None, *, dry_run: bool = Fa
 
 
 # --- live status -------------------------------------------------------------------------------------
-def status_embed(job: Job, *, steps: Sequence[str] = (), queue_position: int | None = None,
-                 now: float | None = None, continued: bool = False) -> discord.Embed:
+def _step(step: str | tuple[str, str, float]) -> tuple[str, str, float | None]:
+    return (step, "", None) if isinstance(step, str) else step
+
+
+def readiness_lines(job: Job, steps: Sequence[str | tuple[str, str, float]], now: float) -> list[str]:
+    """Earlier steps done (✓, with how long each took), the latest under way (⏳, its details and
+    elapsed time) until the job ends."""
+    parsed = [_step(s) for s in steps]
+    out = []
+    for i, (key, detail, started) in enumerate(parsed):
+        label = READINESS_LABELS.get(key, key.replace("_", " "))
+        last = i == len(parsed) - 1
+        end = parsed[i + 1][2] if not last else (job.finished_at or now)
+        took = f" · {fmt_duration(end - started)}" if started is not None and end is not None else ""
+        if last and not job.state.terminal:
+            out.append(f"⏳ {label}" + (f" — {detail}" if detail else "") + took)
+        elif last and job.state is not JobState.SUCCEEDED:
+            out.append(f"✗ {label}{took}")
+        else:
+            out.append(f"✓ {label}{took}")
+    return out
+
+
+def status_embed(job: Job, *, steps: Sequence[str | tuple[str, str, float]] = (),
+                 queue_position: int | None = None, now: float | None = None, continued: bool = False,
+                 thread_id: int | None = None) -> discord.Embed:
     """The one status message of a job, edited in place."""
     now = now or time.time()
     color = {JobState.SUCCEEDED: COLOR_OK, JobState.FAILED: COLOR_ERROR, JobState.CANCELLED: COLOR_MUTED}.get(
@@ -310,24 +368,32 @@ def status_embed(job: Job, *, steps: Sequence[str] = (), queue_position: int | N
     lines = []
     if job.total_steps:
         lines.append(f"`{progress_bar(job.progress)}`")
-        lines.append(f"step {job.step}/{job.total_steps}" + (f" · {job.phase}" if job.phase else ""))
+        live_phase = job.phase and not job.state.terminal  # a finished job is not "training" any more
+        lines.append(f"step {job.step}/{job.total_steps}" + (f" · {job.phase}" if live_phase else ""))
     elif job.phase:
         lines.append(job.phase)
     if queue_position and job.state is JobState.QUEUED:
         lines.append(f"position in queue: {queue_position}")
     if continued:
         lines.append("(continued from an earlier status message)")
-    e.description = "\n".join(lines) or STATE_LABELS.get(job.state, job.state.value)
+    # the title already says the state; with a checklist below, repeating it says nothing
+    e.description = "\n".join(lines) or ("" if steps else STATE_LABELS.get(job.state, job.state.value))
     if job.eta_s is not None and not job.state.terminal:
-        e.add_field(name="ETA", value=fmt_duration(job.eta_s))
+        # a Discord timestamp: every reader's client counts it down between edits
+        e.add_field(name="ETA", value=f"done {fmt_when(now + job.eta_s)}")
+    elif not job.state.terminal and job.rented_at and job.quote.get("total_high_s"):
+        e.add_field(name="ETA (quote)", value=f"done {fmt_when(job.rented_at + float(job.quote['total_high_s']))} "
+                                               "at the latest")
     if job.loss is not None:
         e.add_field(name="loss", value=fmt_loss(job.loss))
     e.add_field(name="cost so far", value=fmt_money(job.cost_so_far(now)))
     if job.gpu_name:
         e.add_field(name="GPU", value=job.gpu_name + (f" · ${job.dph_total:.3f}/h" if job.dph_total else ""))
     if steps:
-        shown = [f"✓ {READINESS_LABELS.get(s, s)}" for s in steps[-12:]]
+        shown = readiness_lines(job, steps, now)[-12:]
         e.add_field(name="steps", value="\n".join(shown), inline=False)
+    if thread_id is not None and continued:
+        e.add_field(name="samples and logs", value=f"<#{thread_id}>", inline=False)
     if job.reason and job.state.terminal:
         e.add_field(name="reason", value=job.reason, inline=False)
     e.set_footer(text=f"job {job.id} · {job.user_name or job.user_id}")
@@ -360,11 +426,15 @@ def jobs_embed(jobs: Sequence[Job], *, positions: dict[str, int | None] | None =
     return fit_embed(e)
 
 
-def finished_embed(job: Job, ev: Finished) -> discord.Embed:
+def finished_embed(job: Job, ev: Finished, *, link: bool = True) -> discord.Embed:
     e = discord.Embed(title=f"✅ {job.name or 'LoRA'} is ready", color=COLOR_OK)
-    e.description = f"**[Download the LoRA]({ev.lora_url})**"
-    if ev.link_expires_at:
-        e.description += f"\nThe link expires {fmt_when(ev.link_expires_at)}."
+    if link:
+        e.description = f"**[Download the LoRA]({ev.lora_url})**"
+        if ev.link_expires_at:
+            e.description += f"\nThe link expires {fmt_when(ev.link_expires_at)}."
+        e.description += f"\nA fresh link any time: `/link {job.id}`."
+    else:
+        e.description = f"The link was sent to the owner by DM (`/link {job.id}` for a fresh one)."
     e.add_field(name="duration", value=fmt_duration(ev.duration_s))
     e.add_field(name="cost", value=fmt_money(ev.cost_usd))
     e.add_field(name="final loss", value=fmt_loss(ev.final_loss))
@@ -379,10 +449,15 @@ def failed_embed(job: Job, ev: Failed, secrets: Sequence[str] = ()) -> discord.E
     title = f"❌ {job.name or 'LoRA'} failed" + (" (retrying on another machine)" if ev.retrying else "")
     e = discord.Embed(title=title, color=COLOR_WARN if ev.retrying else COLOR_ERROR)
     e.description = f"**{ev.kind}**: {redact(ev.reason, list(secrets))}"
+    if not ev.retrying:
+        advice = FAILURE_ADVICE.get(ev.kind, "Run /train again; if it fails the same way, tell the operator.")
+        e.add_field(name="what now", value=advice, inline=False)
     if ev.last_lines:
         e.add_field(name="last log lines", value=code_block(redact(ev.last_lines, list(secrets)), MAX_FIELD_VALUE),
                     inline=False)
-    e.add_field(name="cost", value=fmt_money(ev.cost_usd))
+    charged = ("nothing was charged" if ev.cost_usd <= 0
+               else f"{fmt_money(ev.cost_usd)} of GPU time was charged")
+    e.add_field(name="cost", value=charged)
     e.set_footer(text=f"job {job.id}")
     return fit_embed(e)
 
@@ -412,7 +487,7 @@ def instances_text(instances: Iterable[Any], destroyed: bool) -> str:
     lines = [f"{len(items)} orphaned instance(s) {verb}:"]
     for inst in items[:30]:
         lines.append(f"• `{inst.id}` {getattr(inst, 'label', None) or '?'}")
-    return message("\n".join(lines))
+    return "\n".join(lines)  # the caller redacts, then fits (message())
 
 
 # --- images ----------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ class Admin(commands.Cog):
     async def reconcile(self, interaction: discord.Interaction, destroy: bool = False) -> None:
         await defer(interaction, ephemeral=True)
         found = await self.bot.require_worker().reconcile(destroy)
-        await interaction.followup.send(self.bot.redact(embeds.instances_text(found, destroy)), ephemeral=True)
+        text = embeds.message(self.bot.redact(embeds.instances_text(found, destroy)))  # redact, then fit
+        await interaction.edit_original_response(content=text)
 
     @app_commands.command(name="balance", description="Admin: the Vast.ai account's credit.")
     @app_commands.default_permissions(manage_guild=True)
@@ -37,7 +38,7 @@ class Admin(commands.Cog):
         await defer(interaction, ephemeral=True)
         async with self.bot.vast() as client:
             b = await client.balance()
-        await interaction.followup.send(f"Vast.ai credit: {embeds.fmt_money(b.credit)}", ephemeral=True)
+        await interaction.edit_original_response(content=f"Vast.ai credit: {embeds.fmt_money(b.credit)}")
 
 
 async def setup(bot: commands.Bot) -> None:

@@ -8,6 +8,7 @@ from discord.ext import commands
 
 from bot import embeds
 from bot.app import LoraBot, defer
+from cogs.common import per_user_cooldown
 from services.jobs.intake import offer_query
 
 
@@ -22,6 +23,7 @@ class Offers(commands.Cog):
         max_price="Highest price in $ per hour",
         limit="How many offers to show (1-10)",
     )
+    @per_user_cooldown("discord_offers_cooldown_s")
     async def offers(
         self,
         interaction: discord.Interaction,
@@ -50,7 +52,7 @@ class Offers(commands.Cog):
                 would_pay = best[0] if best else None
         e = embeds.offers_embed(found, gpu=gpu or s.gpu_name, max_price=shown_query.max_dph, region=region,
                                 would_pay=would_pay)
-        await interaction.followup.send(embed=self.bot.clean(e))
+        await interaction.edit_original_response(embed=self.bot.clean(e))
 
 
 async def setup(bot: commands.Bot) -> None:

@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     discord_confirm_timeout_s: float = Field(600.0, gt=0, validation_alias="LORABOT_DISCORD_CONFIRM_TIMEOUT_S")
     # largest /train attachment the bot downloads (also capped by LORABOT_DATASET_MAX_BYTES)
     discord_max_attachment_mb: int = Field(500, ge=1, validation_alias="LORABOT_DISCORD_MAX_ATTACHMENT_MB")
+    # issue 15: the finished LoRA's link goes to its owner by DM only (the channel hears it is ready)
+    links_by_dm: bool = Field(False, validation_alias="LORABOT_LINKS_BY_DM")
+    # issue 15: per-user cooldowns of /offers (hits Vast.ai) and /train (downloads a dataset), seconds
+    discord_offers_cooldown_s: float = Field(10.0, ge=0, validation_alias="LORABOT_DISCORD_OFFERS_COOLDOWN_S")
+    discord_train_cooldown_s: float = Field(30.0, ge=0, validation_alias="LORABOT_DISCORD_TRAIN_COOLDOWN_S")
 
     # --- Cloudflare R2 ------------------------------------------------------------------------
     r2_account_id: str | None = Field(None, validation_alias="R2_ACCOUNT_ID")

@@ -155,6 +155,13 @@ class Job(BaseModel):
     local_lora: str | None = None
     local_lora_sha256: str | None = None
     failure_announced: int = 0
+    # issue 15: when and where the result reached its owner (None: retried after a restart), and
+    # the samples thread (its id is the status message's id), kept so a restart reuses it
+    result_delivered_at: float | None = None
+    result_delivered_to: str | None = None  # "channel" | "dm"
+    result_owed: bool = False  # set when its status was first posted: jobs from before issue 15 are not re-sent
+    samples_thread_id: int | None = None
+    confirm_by: float | None = None  # the quote's buttons answer until then (within the 15-min token)
 
     # ownership and control across processes
     owner: str | None = None

@@ -118,6 +118,10 @@ class Worker:
         self._started = False
 
     @property
+    def storage(self) -> Storage | None:
+        return self._storage
+
+    @property
     def deps(self) -> Deps:
         if self.vast is None:
             raise RuntimeError("the worker is not started")

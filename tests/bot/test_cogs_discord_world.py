@@ -72,6 +72,16 @@ async def test_train_from_attachment_to_a_working_link_after_tokens_expired(
     async with httpx.AsyncClient() as http:
         got = await http.get(link.group(1))
     assert got.status_code == 200 and len(got.content) > 8
+    assert f"<{link.group(1)}>" in final.content  # the link is in the text too
+    assert (await bot.require_store().require(job_id)).result_delivered_to == "channel"
+    # /status (tokens are fresh for a new interaction) shows its owner a freshly presigned link that works
+    fake.token_lifetime_s = 15 * 60
+    ix = fake.slash("status", {"job": job_id}, user_id=OWNER)
+    await fake.wait_for(lambda: fake.answered(ix), timeout=10)
+    fresh = re.search(r"\]\((http[^)]+)\)", fake.responses(ix)[0].text())
+    assert fresh is not None and "expires" in fake.responses(ix)[0].text()
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(fresh.group(1).replace("\\u0026", "&"))).status_code == 200
     # no secret of any setting ever reached Discord
     received = fake.received_text()
     for secret in bot.settings.secret_values():
@@ -79,26 +89,45 @@ async def test_train_from_attachment_to_a_working_link_after_tokens_expired(
     assert world.vast.live_instances() == []
 
 
-async def test_cancel_by_the_owner_destroys_the_instance(bot: LoraBot, fake: FakeDiscord, world: SimWorld) -> None:
-    job_id = await start_training(bot, fake, steps=5000)
-    store = bot.require_store()
-
-    async def training() -> bool:
-        return (await store.require(job_id)).state is JobState.TRAINING
-
-    for _ in range(600):
-        if await training():
-            break
-        await asyncio.sleep(0.1)
-    job = await store.require(job_id)
-    assert job.state is JobState.TRAINING, job.reason
-    instance = job.instance_id
-    assert instance is not None and world.vast.live_instances()
-    ix = fake.slash("cancel", {"job": job_id}, user_id=OWNER)
-    await fake.wait_for(lambda: fake.answered(ix), timeout=60)
-    [answer] = fake.responses(ix)
-    assert f"instance {instance} was destroyed" in answer.content and "$" in answer.content
-    assert world.vast.live_instances() == []
-    assert (await store.require(job_id)).state is JobState.CANCELLED
-    await fake.wait_for(lambda: any(m.embeds and "cancelled" in m.embeds[0].get("title", "")
-                                    for m in fake.channel_messages()), timeout=10)
+async def test_a_restart_mid_training_keeps_the_thread_and_a_working_cancel_button(
+        world: SimWorld, fake: FakeDiscord) -> None:
+    s = world.settings(discord_token=fake.token, discord_guild_id=fake.guild_id, discord_edit_interval_s=0.2,
+                       log_snippet_interval_s=0.5)
+    async with running_bot(fake, s) as bot:
+        job_id = await start_training(bot, fake, steps=5000)
+        store = bot.require_store()
+        for _ in range(600):
+            if (await store.require(job_id)).state is JobState.TRAINING:
+                break
+            await asyncio.sleep(0.1)
+        job = await store.require(job_id)
+        assert job.state is JobState.TRAINING, job.reason
+        # the job's thread exists and has its first log snippets
+        await fake.wait_for(lambda: fake.threads and fake.channel_messages(next(iter(fake.threads))), timeout=30)
+    [thread_id] = fake.threads
+    before = len(fake.channel_messages(thread_id))
+    assert world.vast.live_instances(), "a restart leaves the job training on its box"
+    async with running_bot(fake, s) as bot2:
+        store = bot2.require_store()
+        # the same thread goes on: no second thread, no samples or logs in the channel
+        await fake.wait_for(lambda: len(fake.channel_messages(thread_id)) > before, timeout=30)
+        assert list(fake.threads) == [thread_id]
+        assert not any("log" in m.content for m in fake.channel_messages())
+        # the Cancel button of the status message the first process posted still works
+        job = await store.require(job_id)
+        status = fake.messages[job.status_message_id or 0]
+        assert status.components, "the status message has a Cancel button"
+        stranger = fake.click(status.id, "lorabot:cancel", user_id=2002)
+        await fake.wait_for(lambda: fake.answered(stranger))
+        assert "Only the person" in fake.responses(stranger)[0].content
+        press = fake.click(status.id, "lorabot:cancel", user_id=OWNER)
+        await fake.wait_for(lambda: fake.answered(press))
+        [confirm] = fake.responses(press)
+        assert confirm.ephemeral and "Really cancel" in confirm.content
+        assert (await store.require(job_id)).state is JobState.TRAINING  # nothing happens before Yes
+        yes = fake.click(confirm.id, "lorabot:cancelyes", user_id=OWNER)
+        await fake.wait_for(lambda: "was destroyed" in fake.messages[confirm.id].content, timeout=60)
+        assert yes.callbacks[0]["type"] == 7
+        assert world.vast.live_instances() == []
+        assert (await store.require(job_id)).state is JobState.CANCELLED
+        await fake.wait_for(lambda: not fake.messages[status.id].components, timeout=10)  # no button left

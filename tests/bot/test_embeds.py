@@ -65,6 +65,26 @@ def test_code_block_is_closed_and_short(body: str, limit: int) -> None:
     assert block[3:-3].count("```") == 0  # nothing inside can close it early
 
 
+backticky = st.lists(st.sampled_from(["`", "``", "````", "\n", "a", "<@1001>", "@everyone", " "]),
+                     max_size=60).map("".join)
+
+
+@FAST
+@given(body=backticky, limit=st.integers(min_value=10, max_value=2000))
+def test_no_run_of_backticks_or_mention_survives_inside_a_block(body: str, limit: int) -> None:
+    block = embeds.code_block(body, limit)
+    inner = block[4:-4]  # between "```\n" and "\n```"
+    assert block.startswith("```\n") and block.endswith("\n```") and len(block) <= limit
+    assert "``" not in inner  # a fence needs a run of three
+    assert "<@" not in inner and "@everyone" not in inner
+
+
+def test_four_backticks_and_a_mention_stay_inside_the_block() -> None:
+    block = embeds.code_block("saving sample ````md\n<@999> hi\n`", 500)
+    assert block.count("``") == 2  # the two fences' own runs, nothing else
+    assert "<@999>" not in block and "saving sample" in block
+
+
 @FAST
 @given(name=short, reason=text, lines=text, kind=short)
 def test_job_embeds_within_limits(name: str, reason: str, lines: str, kind: str) -> None:
@@ -135,3 +155,15 @@ def test_shrink_image_fits_the_limit() -> None:
     assert same == tiny.getvalue() and ext2 == ""
     with pytest.raises(OSError):  # not an image: box output is never passed on unchecked
         embeds.shrink_image(b"small", limit=100)
+
+
+def test_redaction_comes_before_fitting() -> None:
+    """A secret straddling a limit must not leave its first half behind (review M9)."""
+    from bot.app import LoraBot
+    from services.settings import load_settings
+
+    secret = "CANARY-secret-straddling-0001"
+    bot = LoraBot(load_settings(r2_secret_access_key=secret), start_worker=False, sync_commands=False)
+    e = discord.Embed(description="x" * (embeds.MAX_DESCRIPTION - 10) + secret)
+    cleaned = bot.clean(e).description or ""
+    assert secret[:8] not in cleaned and len(cleaned) <= embeds.MAX_DESCRIPTION

@@ -24,7 +24,7 @@ from services.jobs.events import (
 )
 from services.jobs.model import Job, JobState
 from services.settings import Settings, load_settings
-from tests.sim.discord import FakeDiscord, running_bot
+from tests.sim.discord import FakeDiscord, FakeMessage, running_bot
 
 SECRET = "CANARY-r2-secret-9999"
 
@@ -56,6 +56,11 @@ async def new_job(bot: LoraBot, fake: FakeDiscord) -> Job:
                                                 state=JobState.QUEUED))
 
 
+def posted(fake: FakeDiscord) -> list[FakeMessage]:
+    """Everything the bot posted with its token, in the channel and its threads."""
+    return [m for m in fake.all_messages() if m.webhook_token is None]
+
+
 def progress(step: int, total: int = 100) -> Progress:
     return Progress(phase="training", step=step, total=total, loss=1 / step, sec_per_step=0.5,
                     eta_s=(total - step) * 0.5, cost_usd=0.01 * step)
@@ -79,7 +84,8 @@ async def test_status_message_is_edited_in_place_throttled_and_coalesced(bot: Lo
     assert "step 60/100" in last["description"]
     fields = {f["name"]: f["value"] for f in last["fields"]}
     assert fields["loss"] == "0.0167" and "ETA" in fields and "cost so far" in fields
-    assert "SSH login works" in fields["steps"] and "uploading the dataset" in fields["steps"]
+    # earlier steps done, the latest under way, in words
+    assert "✓ SSH login" in fields["steps"] and "⏳ dataset upload" in fields["steps"]
     # the message id was handed back for storage (a restarted bot keeps editing it)
     assert (await bot.require_store().require(job.id)).status_message_id == status.id
 
@@ -107,11 +113,11 @@ async def test_logs_are_redacted_code_blocks_and_samples_go_to_a_thread(bot: Lor
     img = tmp_path / "sample_10.png"
     Image.new("RGB", (64, 64), (200, 10, 10)).save(img)
     await n.notify(job, SampleImage(path=img, step=10, prompt="a photo of sks"))
-    [status, log_msg] = fake.channel_messages()[:2]
+    [status] = fake.channel_messages()  # the log snippet went to the job's thread, with the samples
+    assert status.thread_id is not None
+    [log_msg, sample] = fake.channel_messages(status.thread_id)
     assert log_msg.content.count("```") == 2 and len(log_msg.content) <= 2000
     assert "step 10" in log_msg.content and SECRET not in log_msg.content
-    assert status.thread_id is not None
-    [sample] = fake.channel_messages(status.thread_id)
     assert sample.files[0].filename == "sample_10.png" and "step 10" in sample.content
     assert SECRET not in fake.received_text()
 
@@ -140,10 +146,18 @@ async def test_failure_and_cancel_messages(bot: LoraBot, fake: FakeDiscord) -> N
     msgs = fake.channel_messages()
     e = msgs[-1].embeds[0]
     assert "cuda_oom" in e["description"] and SECRET not in e["description"]
-    assert "CUDA out of memory" in e["fields"][0]["value"]
+    fields = {f["name"]: f["value"] for f in e["fields"]}
+    assert "CUDA out of memory" in fields["last log lines"] and "rank" in fields["what now"]
+    assert fields["cost"] == "$0.10 of GPU time was charged"
     job2 = await new_job(bot, fake)
+    await bot.notifier.notify(job2, Queued(1))
     await bot.notifier.notify(job2, Cancelled(cost_usd=0.05, destroyed_instance_id=7000001))
     assert "instance 7000001 destroyed" in fake.channel_messages()[-1].embeds[0]["description"]
+    # a job cancelled at its quote was never public: no notice in the channel (review L10)
+    before = len(fake.channel_messages())
+    job3 = await new_job(bot, fake)
+    await bot.notifier.notify(job3, Cancelled(cost_usd=0.0, destroyed_instance_id=None))
+    assert len(fake.channel_messages()) == before
 
 
 async def test_a_429_storm_does_not_lose_messages(bot: LoraBot, fake: FakeDiscord) -> None:
@@ -156,7 +170,7 @@ async def test_a_429_storm_does_not_lose_messages(bot: LoraBot, fake: FakeDiscor
         await bot.notifier.notify(job, LogSnippet(f"line {i}"))
         await bot.notifier.notify(job, progress(i + 1, 8))
     await bot.notifier.flush()
-    logs = [m.content for m in fake.channel_messages() if "log" in m.content]
+    logs = [m.content for m in posted(fake) if "log" in m.content]
     assert [f"line {i}" in c for i, c in enumerate(logs)] == [True] * 8
     [status] = [m for m in fake.channel_messages() if m.embeds]
     assert "step 8/8" in status.embeds[0]["description"]
@@ -176,7 +190,7 @@ async def test_flush_during_a_global_rate_limit_does_not_wedge_the_client(bot: L
     async with asyncio.timeout(10):
         await bot.notifier.flush()
         await bot.notifier.notify(job, LogSnippet("after the storm"))
-    assert any("after the storm" in m.content for m in fake.channel_messages())
+    assert any("after the storm" in m.content for m in posted(fake))
     [status] = [m for m in fake.channel_messages() if m.embeds]
     assert "step 1/100" in status.embeds[0]["description"]
 
