@@ -267,6 +267,8 @@ class Settings(BaseSettings):
         """Plain values of every secret, for redaction of outgoing text. Never print these."""
         out = []
         for name in type(self).model_fields:
+            if name in _NOT_REDACTED:
+                continue
             value = getattr(self, name)
             if isinstance(value, SecretStr):
                 raw = value.get_secret_value()
@@ -315,6 +317,12 @@ def load_settings(**overrides: Any) -> Settings:
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return load_settings()
+
+
+# R2's access key id is half of a key pair, not a secret on its own: every presigned link carries it
+# (X-Amz-Credential=<id>/...), so redacting it would break each link lorabot posts. It stays a
+# SecretStr so that settings dumps never show it.
+_NOT_REDACTED = frozenset({"r2_access_key_id"})
 
 
 def redact(text: str, secrets: list[str]) -> str:

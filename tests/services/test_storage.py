@@ -153,6 +153,20 @@ async def test_presigned_get_fetched_with_httpx(storage: Storage) -> None:
     assert resp.content == data
 
 
+async def test_a_presigned_link_survives_secret_redaction(s3_server: S3Server) -> None:
+    """Every posted link is redacted first: the access key id it carries must not be (it is no secret)."""
+    from services.settings import redact
+
+    settings = s3_server.settings()
+    storage = Storage.from_settings(settings)
+    key = _key()
+    await storage.upload_bytes(b"lora", key)
+    link = await storage.link(key, expires_s=3600)
+    assert s3_server.access_key_id in link.url
+    assert redact(link.url, settings.secret_values()) == link.url
+    assert redact(s3_server.secret_access_key, settings.secret_values()) == "[redacted]"
+
+
 def _x_amz_expires(url: str) -> int:
     return int(parse_qs(urlsplit(url).query)["X-Amz-Expires"][0])
 
