@@ -256,19 +256,22 @@ def test_quote_and_cost_so_far_include_bandwidth() -> None:
 async def test_the_reaper_leaves_destroyed_rows_alone(tmp_path: object) -> None:
     from pathlib import Path
 
+    from services.jobs.pipeline import install_prefix
     from services.jobs.store import JobStore
     from services.jobs.worker import find_orphans
     from services.settings import load_settings
 
-    with VastEmulator(quirks=Quirks(linger_destroyed_s=60)) as emu:
-        gone = emu.rent_outside("lorabot-abcd1234")
-        live = emu.rent_outside("lorabot-efgh5678")
-        async with client_for(emu) as c:
-            await c.destroy_instance(gone, verify_timeout_s=1)
-            assert {i.id for i in await c.list_instances()} == {gone, live}  # the row lingers
-            s = load_settings(db_path=str(Path(str(tmp_path)) / "db.sqlite3"))
-            store = await JobStore(s.db_path).open()
-            try:
+    s = load_settings(db_path=str(Path(str(tmp_path)) / "db.sqlite3"), reaper_unknown_grace_s=0)
+    store = await JobStore(s.db_path).open()
+    try:
+        prefix = install_prefix(s, store.install_id)  # this installation's labels, unknown to its store
+        with VastEmulator(quirks=Quirks(linger_destroyed_s=60)) as emu:
+            gone = emu.rent_outside(f"{prefix}abcd1234")
+            live = emu.rent_outside(f"{prefix}efgh5678")
+            async with client_for(emu) as c:
+                await c.destroy_instance(gone, verify_timeout_s=1)
+                assert {i.id for i in await c.list_instances()} == {gone, live}  # the row lingers
+                assert await find_orphans(store, s, c) == []  # a first sighting is not enough
                 assert [i.id for i in await find_orphans(store, s, c)] == [live]
-            finally:
-                await store.close()
+    finally:
+        await store.close()
