@@ -43,6 +43,7 @@ from services.remote.driver import RemoteJob, RemoteStatus
 from services.settings import Settings, redact
 from services.ssh import (
     Box,
+    CommandTimeout,
     Endpoint,
     HostKeyMismatch,
     ReadinessDeadlines,
@@ -60,6 +61,14 @@ log = logging.getLogger(__name__)
 
 UPLOADER = Path(__file__).resolve().parent.parent / "remote" / "upload_presigned.py"
 S = JobState
+_CHECKPOINT_FETCH_S = 1800.0  # a resumed job's checkpoint download from R2 onto the box
+_LORA_MAX_BYTES = 2 * 1024**3  # what one box -> R2 upload attempt is sized for
+
+
+def _curl_config(url: str) -> str:
+    """A curl config (`-K -`) naming `url`, quoted as curl's config syntax wants."""
+    quoted = url.replace("\\", "\\\\").replace('"', '\\"')
+    return f'url = "{quoted}"\n'
 
 
 @dataclass
@@ -283,7 +292,9 @@ class Pipeline:
             try:
                 self._box = await Box.connect(endpoint, self.s.ssh_key_path, job.host_key,
                                               connect_timeout=self.s.ssh_connect_timeout_s,
-                                              python=self.s.remote_python)
+                                              python=self.s.remote_python,
+                                              command_timeout=self.s.box_command_timeout_s,
+                                              floor_bytes_s=self.s.transfer_floor_mb_s * 1e6)
                 self._remote = None
                 return self._box
             except HostKeyMismatch as exc:
@@ -322,13 +333,33 @@ class Pipeline:
         if inst.status.failed:
             raise InfraFailure("instance_failed", f"instance {job.instance_id} is {inst.status}")
 
-    async def _remote_call(self, job: Job, what: str, fn: Any) -> Any:
-        """Run `fn(remote)`, reconnecting through drops until the SSH-lost deadline."""
+    def _attempt_timeout(self, nbytes: int = 0) -> float:
+        """The bound of one `_remote_call` attempt: a few commands (a stop waits out both grace
+        periods) plus `nbytes` at the floor transfer rate."""
+        s = self.s
+        commands = max(4 * s.box_command_timeout_s,
+                       s.box_command_timeout_s + s.remote_stop_grace_s + s.remote_kill_grace_s + 30.0)
+        return commands + nbytes / (s.transfer_floor_mb_s * 1e6)
+
+    async def _remote_call(self, job: Job, what: str, fn: Any, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109
+        """Run `fn(remote)`, reconnecting through drops until the SSH-lost deadline. Each attempt is
+        bounded (`timeout`, default `_attempt_timeout()`): a box that hangs a command while its sshd
+        answers is an infrastructure failure, never a wait."""
         deadline = time.monotonic() + self.s.ssh_lost_timeout_s
+        limit = timeout if timeout is not None else self._attempt_timeout()
         while True:
             remote = await self._remote_job(job)
             try:
-                return await fn(remote)
+                try:
+                    async with asyncio.timeout(limit):
+                        return await fn(remote)
+                except TimeoutError:
+                    raise CommandTimeout(f"{what} took longer than {limit:.0f}s") from None
+            except CommandTimeout as exc:
+                log.warning("job %s: %s hung on the box: %s", job.id, what, exc)
+                await self._close_box()
+                await self._ensure_instance_alive(job)
+                raise InfraFailure("box_hung", f"the machine stopped answering during {what}: {exc}") from None
             except (RemoteCommandError, VerificationError):
                 # the command failed on a working link: reconnecting would not help. A host going
                 # away can fail a command in odd ways first (files gone mid-command): blame the host
@@ -387,9 +418,11 @@ class Pipeline:
             await remote.box.put_file(UPLOADER, f"{root}/upload_presigned.py", 0o755)
             await self._restore_checkpoint(job, remote, output)
 
+        resume_s = _CHECKPOINT_FETCH_S if job.artifacts.get("checkpoint") else 0.0
+        bound = self._attempt_timeout(manifest.total_bytes) + resume_s
         try:
             async with self.d.startups:
-                await self._remote_call(job, "upload", ship)
+                await self._remote_call(job, "upload", ship, timeout=bound)
         except SSHError as exc:  # a checksum mismatch after retries: the link corrupts data
             raise InfraFailure("upload", f"dataset upload failed: {exc}") from None
         measured = dict(job.measured, upload_s=round(time.monotonic() - t0, 3))
@@ -411,8 +444,9 @@ class Pipeline:
         dest_dir = f"{output}/{name}"
         dest = f"{dest_dir}/{posixpath.basename(key)}"
         await remote.box.run(["mkdir", "-p", "--", dest_dir])
-        res = await remote.box.run(["curl", "-fsS", "--retry", "3", "-o", dest, "--", link.url], check=False,
-                                   timeout=1800)
+        # the presigned URL goes in on stdin as a curl config (`-K -`): never in argv, ps or a log
+        res = await remote.box.run(["curl", "-fsS", "--retry", "3", "-o", dest, "-K", "-"], check=False,
+                                   input=_curl_config(link.url), timeout=_CHECKPOINT_FETCH_S)
         if res.exit_status == 0:
             await self._emit(job, Readiness("resuming", f"from checkpoint {posixpath.basename(key)}"))
 
@@ -485,7 +519,11 @@ class Pipeline:
 
     async def _limits(self, job: Job, started: float, silent_s: float) -> None:
         async def stop_and_fail(kind: str, message: str) -> None:
-            await self._remote_call(job, "stop", lambda r: r.stop())
+            # a limit stop is final (M4): whatever happens to the stop, never a retry on a new machine
+            try:
+                await self._remote_call(job, "stop", lambda r: r.stop())
+            except Exception as exc:
+                log.warning("job %s: stopping the trainer at the %s limit failed: %s", job.id, kind, exc)
             tail = "\n".join(self._parser.tail()) if self._parser else ""
             raise JobFailure(kind, message, last_lines=self._redact(tail[-1500:]))
 
@@ -580,19 +618,21 @@ class Pipeline:
             info = json.loads(res.stdout.strip().splitlines()[-1])
             sha, size = str(info["sha256"]), int(info["size"])
             put = await storage.presign_put(key, expires_s=3600, sha256=sha)
-            argv = [self.s.remote_python, f"{root}/upload_presigned.py", "put", path, put.url]
+            # the URL (a bearer credential) on stdin ("-"): never in argv, ps or asyncssh's log (M5)
+            argv = [self.s.remote_python, f"{root}/upload_presigned.py", "put", path, "-"]
             for name, value in put.headers.items():
                 argv += ["-H", f"{name}: {value}"]
-            await remote.box.run(argv, timeout=3600)
+            await remote.box.run(argv, input=put.url + "\n", timeout=remote.box.transfer_timeout(size))
             await storage.verify(key, size, sha)
 
+        bound = self._attempt_timeout(_LORA_MAX_BYTES)
         try:
-            await self._remote_call(job, f"upload {posixpath.basename(path)}", direct)
+            await self._remote_call(job, f"upload {posixpath.basename(path)}", direct, timeout=bound)
             return
         except (SSHError, StorageError, ValueError, KeyError) as exc:
             log.warning("direct upload of %s failed (%s); falling back to SSH download", path, exc)
         local = self._work / "collect" / posixpath.basename(path)
-        await self._remote_call(job, "download", lambda r: r.box.download(path, local))
+        await self._remote_call(job, "download", lambda r: r.box.download(path, local), timeout=bound)
         await storage.upload_file(local, key)
 
     # --- collect ------------------------------------------------------------------------------
@@ -694,7 +734,15 @@ class Pipeline:
             return job
         partial_url = None
         if job.state == S.TRAINING and job.host_key:
-            partial_url = await self._stop_for_cancel(job)
+            # bounded, and whatever goes wrong in it (OSError included) the destroy below still runs
+            try:
+                async with asyncio.timeout(self.s.cancel_save_timeout_s):
+                    partial_url = await self._stop_for_cancel(job)
+            except Exception as exc:
+                log.warning("job %s: stopping / saving the partial LoRA failed: %s: %s", job.id,
+                            type(exc).__name__, exc)
+            await self._close_box()
+            job = await self.d.store.require(self.job_id)
         destroyed = job.instance_id if job.instance_gone_at is None else None
         job, warn = await self._safe_destroy(job)
         reason = (f"cancelled by {by}" if by else "cancelled") + warn

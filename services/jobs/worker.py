@@ -291,6 +291,8 @@ class Worker:
         instance = job.instance_id if job.instance_gone_at is None else None
         if job.state.terminal:
             return CancelResult(job, None, job.cost_so_far())
+        # written before anything else: a restart (or crash) from here on still finishes the cancel
+        await self.store.request_cancel(job_id)
         if job_id in self._pending:
             self._dequeue(job_id)
         if job.state in (S.VALIDATING, S.AWAITING_CONFIRMATION, S.QUEUED) and job_id not in self._running:
