@@ -774,6 +774,18 @@ class Pipeline:
             log.warning("job %s: no partial LoRA saved: %s", job.id, exc)
             return None
 
+    async def end_at_limit(self, kind: str, message: str) -> Job:
+        """The watchdog's way out: destroy through the API (no SSH) and fail; never a retry (M4)."""
+        job = await self.d.store.require(self.job_id)
+        if job.state.terminal:
+            return job
+        self._box, self._remote = None, None  # the cancelled task owned that connection
+        job, warn = await self._safe_destroy(job)
+        reason = message + warn
+        job = await self._to(job, S.FAILED, reason, failure_kind=kind, cost_usd=job.cost_so_far())
+        await self._emit(job, Failed(reason, kind, "", job.cost_so_far()))
+        return job
+
     async def _failed(self, exc: JobFailure) -> Job:
         job = await self.d.store.require(self.job_id)
         if job.state.terminal:

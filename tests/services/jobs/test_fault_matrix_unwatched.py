@@ -1,0 +1,163 @@
+"""Fault matrix, issue 13 "nothing bills unwatched": a box that hangs a command while its sshd stays
+up, the watchdog past a hard limit, a crash mid-cancel. Each case ends with zero live instances."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.jobs import Job, JobState, JobStore
+from services.jobs.events import Progress
+from services.jobs.intake import draft
+from services.jobs.worker import Worker
+from services.vastai import VastClient
+from tests.services.jobs.conftest import Recorder, dataset_zip
+from tests.sim.sshd import skip_without_sshd
+from tests.sim.vast import Quirks
+from tests.sim.world import SimWorld, run_world
+
+S = JobState
+
+
+@pytest.fixture(scope="module")
+def uworld(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimWorld]:
+    skip_without_sshd()
+    with run_world(tmp_path_factory.mktemp("unwatched"), quirks=Quirks(loading_s=0.1)) as w:
+        yield w
+
+
+def hanging_python(tmp: Path, *, once: bool, hang_s: int) -> tuple[str, Path]:
+    """The box's Python, except that `supervisor.py status` blocks while a flag file exists: what a
+    stalled disk or a wedged process does to a command while sshd keeps answering."""
+    flag = tmp / "hang"
+    wrapper = tmp / "python-on-a-hung-box"
+    forget = f'rm -f "{flag}"; ' if once else ""
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'case " $* " in *" status "*) if [ -f "{flag}" ]; then {forget}exec sleep {hang_s}; fi;; esac\n'
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return str(wrapper), flag
+
+
+async def start_job(world: SimWorld, store: JobStore, worker: Worker, settings: Any) -> str:
+    async with VastClient.from_settings(settings) as vast:
+        d = await draft(store, settings, source=dataset_zip(3, 256), user_id="u", name="unwatched",
+                        trigger="sks", overrides={"steps": 30, "save_every": 10, "sample_every": 0}, vast=vast)
+    assert d.ok, d.message
+    await worker.submit(d.job.id)
+    return d.job.id
+
+
+async def until(store: JobStore, job_id: str, ok: Any, timeout: float = 90) -> Job:  # noqa: ASYNC109
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        job = await store.require(job_id)
+        if ok(job):
+            return job
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"job stuck in {job.state}: {job.reason}")
+        await asyncio.sleep(0.05)
+
+
+async def test_a_hung_box_command_is_an_infrastructure_failure(uworld: SimWorld, tmp_path: Path) -> None:
+    """The supervisor's status read hangs once: the command times out, the job gets its one retry."""
+    python, flag = hanging_python(tmp_path, once=True, hang_s=30)
+    flag.touch()
+    uworld.box.set_sec_per_step(0.03)
+    settings = uworld.settings(db_path=str(tmp_path / "jobs.sqlite3"), work_dir=str(tmp_path / "work"),
+                               remote_python=python, box_command_timeout_s=3.0)
+    store = await JobStore(settings.db_path).open()
+    worker = Worker(store, settings, Recorder())
+    await worker.start()
+    try:
+        job_id = await start_job(uworld, store, worker, settings)
+        job = await until(store, job_id, lambda j: j.state.terminal)
+    finally:
+        await worker.stop()
+        await store.close()
+    assert not flag.exists()  # the hang really happened
+    assert job.state == S.SUCCEEDED, job.reason
+    assert job.attempt == 2  # the hung machine was destroyed and the job retried elsewhere
+    events = await JobStore(settings.db_path).open()
+    try:
+        reasons = [e.reason for e in await events.events(job_id)]
+    finally:
+        await events.close()
+    assert any("stopped answering" in r for r in reasons), reasons
+    assert uworld.vast.live_instances() == []
+
+
+async def test_the_watchdog_destroys_a_job_whose_monitor_is_stuck(uworld: SimWorld, tmp_path: Path) -> None:
+    """The monitor loop is stuck in a box command (no command timeout to save it): past max_runtime
+    the watchdog cancels the pipeline and destroys through the API. Failed, never retried."""
+    python, flag = hanging_python(tmp_path, once=False, hang_s=90)
+    flag.touch()
+    uworld.box.set_sec_per_step(0.03)
+    settings = uworld.settings(db_path=str(tmp_path / "jobs.sqlite3"), work_dir=str(tmp_path / "work"),
+                               remote_python=python, box_command_timeout_s=600.0, max_runtime_s=10.0,
+                               watchdog_grace_s=0.0, watchdog_interval_s=0.2)
+    store = await JobStore(settings.db_path).open()
+    recorder = Recorder()
+    worker = Worker(store, settings, recorder)
+    await worker.start()
+    try:
+        job_id = await start_job(uworld, store, worker, settings)
+        await until(store, job_id, lambda j: j.state == S.TRAINING or j.state.terminal)
+        job = await until(store, job_id, lambda j: j.state.terminal, timeout=60)
+        assert worker.running() == []
+    finally:
+        flag.unlink(missing_ok=True)
+        await worker.stop()
+        await store.close()
+    assert job.state == S.FAILED and job.failure_kind == "max_runtime", (job.state, job.reason)
+    assert "watchdog" in (job.reason or "")
+    assert job.attempt == 1  # a limit stop is never a retry on a new machine
+    assert job.instance_gone_at is not None
+    assert uworld.vast.live_instances() == []
+
+
+def crash(worker: Worker) -> None:
+    """What SIGKILL leaves: tasks gone, nothing released, nothing written after this instant."""
+    for task in [*worker._tasks, *worker._watchdogs.values(), *(t for t, _ in worker._running.values())]:
+        task.cancel()
+
+
+async def test_a_crash_mid_cancel_is_finished_after_the_restart(uworld: SimWorld, tmp_path: Path) -> None:
+    uworld.box.set_sec_per_step(0.5)  # a long run: without the cancel it would train for a while
+    settings = uworld.settings(db_path=str(tmp_path / "jobs.sqlite3"), work_dir=str(tmp_path / "work"),
+                               save_partial_on_cancel=False)
+    store = await JobStore(settings.db_path).open()
+    recorder = Recorder()
+    first = Worker(store, settings, recorder)
+    await first.start()
+    second: Worker | None = None
+    try:
+        job_id = await start_job(uworld, store, first, settings)
+        await until(store, job_id, lambda j: j.state == S.TRAINING)
+        while not [e for e in recorder.of(Progress) if isinstance(e, Progress) and e.step > 0]:
+            await asyncio.sleep(0.05)
+        cancel = asyncio.create_task(first.cancel(job_id, by="tester"))
+        await until(store, job_id, lambda j: j.cancel_requested, timeout=5)
+        crash(first)  # the process dies the instant the cancel is on record
+        with contextlib.suppress(BaseException):
+            await cancel
+        assert (await store.require(job_id)).state == S.TRAINING  # the box still trains
+        second = Worker(store, settings, recorder)  # the restarted process
+        await second.start()
+        job = await until(store, job_id, lambda j: j.state.terminal, timeout=60)
+    finally:
+        if second is not None:
+            await second.stop()
+        await first.stop()
+        await store.close()
+    assert job.state == S.CANCELLED, (job.state, job.reason)
+    assert job.instance_gone_at is not None
+    assert uworld.vast.live_instances() == []
