@@ -56,7 +56,7 @@ async def start_job(world: SimWorld, store: JobStore, worker: Worker, settings: 
     return d.job.id
 
 
-async def until(store: JobStore, job_id: str, ok: Any, timeout: float = 90) -> Job:  # noqa: ASYNC109
+async def until(store: JobStore, job_id: str, ok: Any, timeout: float = 90) -> Job:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         job = await store.require(job_id)
