@@ -586,21 +586,25 @@ class Box:
 
         return bool(await self._retrying(op))
 
-    async def tail(self, remote_path: str, offset: int, max_bytes: int = 256 * 1024) -> tuple[bytes, int]:
+    async def tail(
+        self, remote_path: str, offset: int, max_bytes: int = 256 * 1024, *, touch: str | None = None
+    ) -> tuple[bytes, int]:
         """Bytes of `remote_path` from `offset` (at most max_bytes), and the offset to read on from.
 
         A missing file reads as empty. A file shorter than `offset` (rotated) restarts from 0.
+        `touch`: a file to touch in the same round trip (the bot's heartbeat for the dead-man's switch).
         """
         if offset < 0 or max_bytes <= 0:
             raise ValueError("offset must be >= 0 and max_bytes > 0")
         script = (
+            '[ -z "$4" ] || touch -- "$4" 2>/dev/null; '
             '[ -f "$1" ] || exit 3; size=$(wc -c < "$1"); echo "$size"; '
             '[ "$size" -gt "$2" ] || exit 0; tail -c +"$(($2 + 1))" -- "$1" | head -c "$3"'
         )
 
         async def op() -> tuple[bytes, int]:
             status, out, err = await self._run_raw(["sh", "-c", script, "tail", remote_path, str(offset),
-                                                   str(max_bytes)])
+                                                   str(max_bytes), touch or ""])
             if status == 3:
                 return b"", offset
             if status != 0:

@@ -453,7 +453,10 @@ class Pipeline:
     # --- train --------------------------------------------------------------------------------
     async def _train(self, job: Job) -> Job:
         t0 = time.monotonic()
-        status: RemoteStatus = await self._remote_call(job, "launch", lambda r: r.launch())
+        # the box's own hard deadline: the watchdog's, so both ends agree when the job must be over
+        hard_end = (job.started_at or time.time()) + self.s.max_runtime_s + self.s.watchdog_grace_s
+        deadline_in = max(1.0, hard_end - time.time())
+        status: RemoteStatus = await self._remote_call(job, "launch", lambda r: r.launch(deadline_in))
         if status.launched:
             await self._emit(job, Readiness("launched", "trainer started"))
         self._parser = prog.ProgressParser(job_name(job))
@@ -647,6 +650,7 @@ class Pipeline:
         if self.d.storage is None:
             raise JobFailure("config", "R2 is not configured (R2_BUCKET and keys): the LoRA cannot be stored")
         storage = self.d.storage
+        heartbeat = asyncio.create_task(self._heartbeat(job), name=f"lorabot-heartbeat-{job.id}")
         try:
             await self._upload_from_box(job, out.final_lora, keys.lora)
             config_text = await asyncio.to_thread(self._config_text, job)
@@ -667,6 +671,8 @@ class Pipeline:
             links["lora"] = link.url
         except (StorageError, SSHError, OSError) as exc:
             raise InfraFailure("collect", f"could not store the results: {exc}") from None
+        finally:
+            heartbeat.cancel()
         expires = link.expires_at.timestamp() if link.expires_at else None
         measured = dict(job.measured, collect_s=round(time.monotonic() - t0, 3), stored_at=time.time())
         job = await self.d.store.update(job.id, lora_key=keys.lora, lora_url=link.url, link_expires_at=expires,
@@ -687,6 +693,17 @@ class Pipeline:
         await self._emit(job, Finished(link.url, expires, duration, job.cost_so_far(), job.loss,
                                        list(self._loss_curve), links))
         return job
+
+    async def _heartbeat(self, job: Job) -> None:
+        """Keep the box's dead-man's switch fed while collecting (the monitor loop feeds it before)."""
+        while True:
+            box = self._box  # only on the collect's own connection: never a second one racing it
+            if box is not None and box.connected:
+                try:
+                    await RemoteJob(box, self._remote_dir(job), self.s).touch()
+                except SSHError as exc:
+                    log.info("job %s: heartbeat not delivered: %s", job.id, exc)
+            await asyncio.sleep(max(1.0, min(self.s.monitor_interval_s * 5, self.s.deadman_s / 4)))
 
     # --- endings ------------------------------------------------------------------------------
     async def _destroy(self, job: Job) -> Job:

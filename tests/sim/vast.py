@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -42,6 +44,8 @@ class Quirks:
     page_size: int = 25  # v1 list page size (the server's max is 25)
     loading_s: float = 0.3  # created -> loading -> running
     non_json_errors: bool = False  # error bodies in plain text
+    # whether an instance's own CONTAINER_API_KEY may destroy it (else only stop it; see README)
+    instance_key_destroys: bool = True
 
     @classmethod
     def all_on(cls) -> Quirks:
@@ -71,7 +75,14 @@ class _Inst:
     listed_after: int  # list call count from which it appears
     fault: str | None = None  # "exited" | "offline" | "never_ready"
     destroyed: bool = False
+    stopped: bool = False  # PUT state=stopped: no GPU billing, storage still bills
     ssh_keys: list[str] = field(default_factory=list)
+    # the instance-scoped key Vast.ai puts in the container as CONTAINER_API_KEY (and answers the
+    # create with as instance_api_key): it may manage this one instance and nothing else
+    api_key: str = field(default_factory=lambda: secrets.token_hex(16))
+
+
+_INSTANCE_PATH = re.compile(r"^/api/v0/instances/(\d+)/$")
 
 
 def make_offers(n: int = 24, seed: int = 7) -> list[dict[str, Any]]:
@@ -176,7 +187,7 @@ class VastEmulator:
     def live_instances(self) -> list[dict[str, Any]]:
         with self._lock:
             return [
-                {"id": i.id, "label": i.label, "machine_id": i.machine_id, "fault": i.fault}
+                {"id": i.id, "label": i.label, "machine_id": i.machine_id, "fault": i.fault, "stopped": i.stopped}
                 for i in self._instances.values()
                 if not i.destroyed
             ]
@@ -193,6 +204,17 @@ class VastEmulator:
         """The host reclaims the instance without being asked (it stops billing too)."""
         with self._lock:
             self._instances[instance_id].destroyed = True
+
+    def container_env(self, instance_id: int) -> dict[str, str]:
+        """What Vast.ai sets inside the instance's container (PID 1's environment)."""
+        with self._lock:
+            inst = self._instances[instance_id]
+            return {"CONTAINER_ID": str(inst.id), "CONTAINER_API_KEY": inst.api_key}
+
+    def destroyed_by_instance_key(self, instance_id: int) -> bool:
+        """Whether the instance's own key destroyed it (the box's dead-man's switch)."""
+        return any(r["method"] == "DELETE" and r["path"] == f"/api/v0/instances/{instance_id}/"
+                   and r.get("instance_key") == instance_id and r.get("status") == 200 for r in self.requests)
 
     def rent_outside(self, label: str, offer_id: int | None = None) -> int:
         """An instance rented behind the bot's back (e.g. a process killed before it stored the id)."""
@@ -291,6 +313,22 @@ class VastEmulator:
         if every and n % every == 0:
             return web.Response(status=429, text="API requests too frequent endpoint threshold=4.5",
                                 content_type="text/plain")
+        if auth != f"Bearer {self.api_key}" and auth.startswith("Bearer "):
+            # an instance's own key: DELETE or PUT of that one instance, nothing else
+            m = _INSTANCE_PATH.match(request.path)
+            with self._lock:
+                inst = self._instances.get(int(m.group(1))) if m else None
+                own = inst is not None and auth == f"Bearer {inst.api_key}" and (
+                    request.method == "PUT" or (request.method == "DELETE" and self.quirks.instance_key_destroys))
+                entry = self.requests[-1]
+            if own:
+                assert inst is not None
+                entry["instance_key"] = inst.id
+                response = await handler(request)
+                entry["status"] = response.status
+                return response
+            return web.json_response({"success": False, "error": "auth_error",
+                                      "msg": "this key may not do that"}, status=403 if inst else 401)
         if auth != f"Bearer {self.api_key}":
             status = 404 if self.quirks.auth_404 else 401
             return web.json_response({"success": False, "error": "auth_error", "msg": "Invalid user key"},
@@ -399,7 +437,7 @@ class VastEmulator:
                 self.quirks.slow_creates -= 1
         if slow:
             await asyncio.sleep(self.quirks.create_delay_s)
-        answer: dict[str, Any] = {"success": True, "instance_api_key": "emulated-instance-key-XYZ"}
+        answer: dict[str, Any] = {"success": True, "instance_api_key": inst.api_key}
         if self.quirks.id_in == "new_contract":
             answer["new_contract"] = inst.id
         elif self.quirks.id_in == "instances":
@@ -458,6 +496,8 @@ class VastEmulator:
                 if len(str(body["label"])) > 1024:
                     return self._error(400, "label_too_long", "label too long")
                 inst.label = str(body["label"])
+            if body.get("state") == "stopped":
+                inst.stopped = True
         return self._json({"success": True})
 
     async def _ssh_list(self, request: web.Request) -> web.Response:

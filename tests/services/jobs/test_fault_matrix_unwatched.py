@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,3 +162,36 @@ async def test_a_crash_mid_cancel_is_finished_after_the_restart(uworld: SimWorld
     assert job.state == S.CANCELLED, (job.state, job.reason)
     assert job.instance_gone_at is not None
     assert uworld.vast.live_instances() == []
+
+
+async def test_the_box_ends_itself_when_the_bot_is_gone_past_the_deadman_time(
+    uworld: SimWorld, tmp_path: Path
+) -> None:
+    """The bot dies mid-training and never comes back: the box's supervisor stops the trainer and
+    destroys its own instance with the instance's CONTAINER_API_KEY (compressed dead-man time)."""
+    uworld.box.set_sec_per_step(0.5)  # 30 steps: the trainer would run for 15 s
+    settings = uworld.settings(db_path=str(tmp_path / "jobs.sqlite3"), work_dir=str(tmp_path / "work"),
+                               deadman_s=2.0)
+    store = await JobStore(settings.db_path).open()
+    recorder = Recorder()
+    worker = Worker(store, settings, recorder)
+    await worker.start()
+    try:
+        job_id = await start_job(uworld, store, worker, settings)
+        job = await until(store, job_id, lambda j: j.state == S.TRAINING)
+        assert job.instance_id is not None
+        uworld.expose_container_env(job.instance_id)  # what Vast.ai puts in the container
+        while not [e for e in recorder.of(Progress) if isinstance(e, Progress) and e.step > 0]:
+            await asyncio.sleep(0.05)
+        crash(worker)  # the bot is gone for good: no heartbeat, no watchdog, no reaper
+        deadline = asyncio.get_running_loop().time() + 30
+        while uworld.vast.live_instances():
+            assert asyncio.get_running_loop().time() < deadline, uworld.vast.live_instances()
+            await asyncio.sleep(0.2)
+    finally:
+        uworld.expose_container_env(None)
+        await worker.stop()
+        await store.close()
+    assert uworld.vast.destroyed_by_instance_key(job.instance_id)
+    status = json.loads((Path(settings.remote_root) / "jobs" / job_id / "status.json").read_text())
+    assert "no word from the bot" in status["deadman"] and status["phase"] == "exited"
