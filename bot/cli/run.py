@@ -36,7 +36,10 @@ async def serve(settings: Settings) -> None:
     assert settings.discord_token is not None
     bot = LoraBot(settings)
     async with bot:
-        await bot.start(settings.discord_token.get_secret_value())
+        # jobs first: the worker drives every rented box whether or not Discord lets us in
+        await bot.start_services()
+        await bot.login_with_backoff(settings.discord_token.get_secret_value())
+        await bot.connect()
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from services.jobs.events import (
     JobEvent,
     LogSnippet,
     Notifier,
+    OperatorAlert,
     Progress,
     Readiness,
     SampleImage,
@@ -742,7 +743,10 @@ class Pipeline:
         try:
             return await self._destroy(job), ""
         except (JobFailure, VastError) as exc:
-            log.error("job %s: %s", job.id, exc)
+            log.error("job %s: instance %s NOT destroyed (it may still bill): %s", job.id, job.instance_id, exc)
+            await self._emit(job, OperatorAlert(
+                f"instance {job.instance_id} of job {job.id} could not be destroyed and may still bill: {exc}. "
+                "The reaper retries; check the Vast.ai console."))
             return job, f"; WARNING: instance {job.instance_id} not destroyed yet, the reaper will retry"
 
     async def _finish_cancelled(self, by: str) -> Job:
