@@ -11,6 +11,7 @@ process itself (asyncio cancellation) leaves the box running, on purpose: the ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import posixpath
@@ -115,6 +116,7 @@ class Pipeline:
         self._last_failure: prog.Failure | None = None
         self._seen_samples: set[str] = set()
         self._last_download_note = 0.0
+        self._finishing = False  # carrying out a cancel: remote calls are no longer interrupted by it
         self._work = Path(self.s.work_dir) / job_id
 
     # --- plumbing -----------------------------------------------------------------------------
@@ -342,6 +344,29 @@ class Pipeline:
                        s.box_command_timeout_s + s.remote_stop_grace_s + s.remote_kill_grace_s + 30.0)
         return commands + nbytes / (s.transfer_floor_mb_s * 1e6)
 
+    async def _attempt(self, call: Any, what: str, limit: float) -> Any:
+        """Await one remote call, bounded by `limit`; a cancel interrupts it (except while the cancel
+        itself is being carried out), so a hung command never holds up /cancel either."""
+        task = asyncio.ensure_future(call)
+        waits: set[asyncio.Future[Any]] = {task}
+        cancelled = None if self._finishing else asyncio.ensure_future(self.cancel_event.wait())
+        if cancelled is not None:
+            waits.add(cancelled)
+        try:
+            done, _ = await asyncio.wait(waits, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if cancelled is not None:
+                cancelled.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if task in done:
+            return task.result()
+        if cancelled is not None and cancelled in done:
+            raise JobCancelled(self.cancelled_by)
+        raise CommandTimeout(f"{what} took longer than {limit:.0f}s")
+
     async def _remote_call(self, job: Job, what: str, fn: Any, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         """Run `fn(remote)`, reconnecting through drops until the SSH-lost deadline. Each attempt is
         bounded (`timeout`, default `_attempt_timeout()`): a box that hangs a command while its sshd
@@ -351,11 +376,7 @@ class Pipeline:
         while True:
             remote = await self._remote_job(job)
             try:
-                try:
-                    async with asyncio.timeout(limit):
-                        return await fn(remote)
-                except TimeoutError:
-                    raise CommandTimeout(f"{what} took longer than {limit:.0f}s") from None
+                return await self._attempt(fn(remote), what, limit)
             except CommandTimeout as exc:
                 log.warning("job %s: %s hung on the box: %s", job.id, what, exc)
                 await self._close_box()
@@ -750,6 +771,7 @@ class Pipeline:
             return job, f"; WARNING: instance {job.instance_id} not destroyed yet, the reaper will retry"
 
     async def _finish_cancelled(self, by: str) -> Job:
+        self._finishing = True
         job = await self.d.store.require(self.job_id)
         if job.state.terminal:
             return job

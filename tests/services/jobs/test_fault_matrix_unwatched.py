@@ -195,3 +195,32 @@ async def test_the_box_ends_itself_when_the_bot_is_gone_past_the_deadman_time(
     assert uworld.vast.destroyed_by_instance_key(job.instance_id)
     status = json.loads((Path(settings.remote_root) / "jobs" / job_id / "status.json").read_text())
     assert "no word from the bot" in status["deadman"] and status["phase"] == "exited"
+
+
+async def test_a_cancel_while_a_box_command_hangs_still_destroys(uworld: SimWorld, tmp_path: Path) -> None:
+    """/cancel interrupts a hung command, and the stop + partial save it tries on the same hung box is
+    bounded by LORABOT_CANCEL_SAVE_TIMEOUT_S: the instance is destroyed within seconds."""
+    python, flag = hanging_python(tmp_path, once=False, hang_s=90)
+    uworld.box.set_sec_per_step(0.3)
+    settings = uworld.settings(db_path=str(tmp_path / "jobs.sqlite3"), work_dir=str(tmp_path / "work"),
+                               remote_python=python, box_command_timeout_s=600.0, cancel_save_timeout_s=2.0)
+    store = await JobStore(settings.db_path).open()
+    recorder = Recorder()
+    worker = Worker(store, settings, recorder)
+    await worker.start()
+    try:
+        job_id = await start_job(uworld, store, worker, settings)
+        while not [e for e in recorder.of(Progress) if isinstance(e, Progress) and e.step > 0]:
+            await asyncio.sleep(0.05)
+        flag.touch()  # from now on the box hangs every status read
+        await asyncio.sleep(1.0)  # the monitor loop is stuck in one by now
+        t0 = asyncio.get_running_loop().time()
+        result = await asyncio.wait_for(worker.cancel(job_id, by="tester"), 30)
+        took = asyncio.get_running_loop().time() - t0
+    finally:
+        flag.unlink(missing_ok=True)
+        await worker.stop()
+        await store.close()
+    assert result.job.state == S.CANCELLED, result.job.reason
+    assert result.job.instance_gone_at is not None and took < 20, took
+    assert uworld.vast.live_instances() == []
