@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from services import openssh
 from services.remote import upload_presigned
 from services.ssh import Box, CommandTimeout, Endpoint
 from services.storage import Storage
@@ -101,3 +102,29 @@ async def test_the_uploader_reads_the_presigned_url_from_stdin(s3_server: S3Serv
     out = subprocess.run(argv, input=put.url + "\n", capture_output=True, text=True, check=True, cwd=tmp_path)
     assert json.loads(out.stdout)["size"] == 40_000
     await storage.verify(key, 40_000, digest)
+
+
+@pytest.mark.parametrize("openssh_from", [
+    pytest.param(0, id="openssh", marks=pytest.mark.skipif(openssh.available() is None, reason="no OpenSSH client")),
+    pytest.param(None, id="asyncssh"),
+])
+async def test_a_dataset_upload_into_a_hung_box_times_out(
+    sshd: SshdServer, tmp_path: Path, openssh_from: int | None
+) -> None:
+    """The box's end of the upload never reads (a wedged process): the transfer is bounded by its size
+    at the floor rate, and the OpenSSH client feeding it is gone afterwards."""
+    from tests.services.test_ssh import make_dataset, ssh_children
+
+    wedged = tmp_path / "wedged-python"
+    wedged.write_text("#!/bin/sh\nexec sleep 30\n")
+    wedged.chmod(0o755)
+    manifest = make_dataset(tmp_path / "ds", n=3, size=2 * 1024 * 1024)
+    i = sshd.info
+    box = Box(Endpoint(i.host, i.port, i.user, "direct"), i.client_key_path, i.host_key_pub, python=str(wedged),
+              openssh_from=openssh_from, command_timeout=1.0, floor_bytes_s=10e6)
+    t0 = time.monotonic()
+    with pytest.raises(CommandTimeout):
+        await box.upload_dataset(tmp_path / "ds", manifest, str(tmp_path / "box" / "ds"))
+    assert time.monotonic() - t0 < 15
+    await box.close()
+    assert not ssh_children()
