@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 import typer
 
 from services.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from bot.app import LoraBot
 
 EXIT_USAGE = 2
 
@@ -29,12 +33,12 @@ def load(require_token: bool = True) -> Settings:
     return s
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, bot: LoraBot | None = None) -> None:
     from bot.app import LoraBot, apply_test_endpoints
 
     apply_test_endpoints()
     assert settings.discord_token is not None
-    bot = LoraBot(settings)
+    bot = bot or LoraBot(settings)
     async with bot:
         # jobs first: the worker drives every rented box whether or not Discord lets us in
         await bot.start_services()

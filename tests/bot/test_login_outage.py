@@ -36,7 +36,8 @@ async def test_a_job_trains_to_the_end_while_discord_refuses_the_login(world: Si
         token = fake.token
         fake.token = "reset-in-the-developer-portal"  # Discord answers the bot's token with 401 now
         undo = fake.patch_discord()
-        bot = asyncio.create_task(serve(settings))
+        client = LoraBot(settings, guild_ready_timeout=0.05)
+        bot = asyncio.create_task(serve(settings, client))
         try:
             deadline = asyncio.get_running_loop().time() + 90
             while not (job := await store.require(d.job.id)).state.terminal:
@@ -52,9 +53,10 @@ async def test_a_job_trains_to_the_end_while_discord_refuses_the_login(world: Si
             fake.token = token  # the operator fixed the token: the bot logs in by itself
             assert await asyncio.to_thread(fake.wait_identified, 30)
         finally:
-            bot.cancel()
-            with contextlib.suppress(BaseException):
-                await bot
+            async with asyncio.timeout(30):
+                await client.close()  # how discord.py wants to be stopped (a cancel can be swallowed)
+                with contextlib.suppress(BaseException):
+                    await bot
             undo()
             await store.close()
 
