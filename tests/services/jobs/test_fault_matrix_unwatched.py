@@ -33,15 +33,15 @@ def uworld(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimWorld]:
         yield w
 
 
-def hanging_python(tmp: Path, *, once: bool, hang_s: int) -> tuple[str, Path]:
-    """The box's Python, except that `supervisor.py status` blocks while a flag file exists: what a
+def hanging_python(tmp: Path, *, once: bool, hang_s: int, command: str = "status") -> tuple[str, Path]:
+    """The box's Python, except that `supervisor.py <command>` blocks while a flag file exists: what a
     stalled disk or a wedged process does to a command while sshd keeps answering."""
     flag = tmp / "hang"
     wrapper = tmp / "python-on-a-hung-box"
     forget = f'rm -f "{flag}"; ' if once else ""
     wrapper.write_text(
         "#!/bin/sh\n"
-        f'case " $* " in *" status "*) if [ -f "{flag}" ]; then {forget}exec sleep {hang_s}; fi;; esac\n'
+        f'case " $* " in *" {command} "*) if [ -f "{flag}" ]; then {forget}exec sleep {hang_s}; fi;; esac\n'
         f'exec "{sys.executable}" "$@"\n'
     )
     wrapper.chmod(0o755)
@@ -223,4 +223,32 @@ async def test_a_cancel_while_a_box_command_hangs_still_destroys(uworld: SimWorl
         await store.close()
     assert result.job.state == S.CANCELLED, result.job.reason
     assert result.job.instance_gone_at is not None and took < 20, took
+    assert uworld.vast.live_instances() == []
+
+
+async def test_a_limit_stop_that_fails_on_the_box_is_never_a_retry(uworld: SimWorld, tmp_path: Path) -> None:
+    """M4: the trainer stalls, and the stop command then hangs on the box. The job fails as stalled,
+    on its first machine, destroyed: no second rental."""
+    python, flag = hanging_python(tmp_path, once=False, hang_s=30, command="stop")
+    flag.touch()
+    uworld.box.set_sec_per_step(0.03)
+    uworld.box.set_fault("hang@step5")
+    settings = uworld.settings(db_path=str(tmp_path / "jobs.sqlite3"), work_dir=str(tmp_path / "work"),
+                               remote_python=python, box_command_timeout_s=2.0, stall_timeout_s=3.0)
+    store = await JobStore(settings.db_path).open()
+    worker = Worker(store, settings, Recorder())
+    await worker.start()
+    seen = len(uworld.vast.requests)
+    try:
+        job_id = await start_job(uworld, store, worker, settings)
+        job = await until(store, job_id, lambda j: j.state.terminal)
+        rentals = [r for r in uworld.vast.requests[seen:]
+                   if r["method"] == "PUT" and r["path"].startswith("/api/v0/asks/")]
+    finally:
+        uworld.box.set_fault(None)
+        flag.unlink(missing_ok=True)
+        await worker.stop()
+        await store.close()
+    assert job.state == S.FAILED and job.failure_kind == "stalled", (job.state, job.failure_kind, job.reason)
+    assert job.attempt == 1 and len(rentals) == 1  # one machine rented, never a second
     assert uworld.vast.live_instances() == []
