@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
@@ -201,7 +200,7 @@ class LoraBot(commands.Bot):
             except discord.LoginFailure:
                 log.error("Discord refused DISCORD_TOKEN (401): check the bot token. Jobs keep running; "
                           "retrying the login in %.0f s", delay)
-            except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            except Exception as exc:  # an outage, a 5xx, a network error: all retried, all logged
                 log.error("cannot log in to Discord (%s: %s); jobs keep running; retrying in %.0f s",
                           type(exc).__name__, exc, delay)
             with contextlib.suppress(Exception):
