@@ -182,7 +182,7 @@ class RemoteJob:
 
         async def op() -> RemoteStatus:
             res = await self.box.run(["sh", "-c", script, "status", self.supervisor_path,
-                                      *self._supervisor("status")], timeout=30)
+                                      *self._supervisor("status")], timeout=min(30.0, self.box.command_timeout))
             return RemoteStatus.from_json(res.stdout)
 
         result: RemoteStatus = await self.box._retrying(op)
@@ -202,7 +202,7 @@ class RemoteJob:
         `grace_s` (default: both grace periods plus a margin) for the trainer to exit."""
         s = self.settings
         wait = grace_s if grace_s is not None else s.remote_stop_grace_s + s.remote_kill_grace_s + 5.0
-        await self.box.run(self._supervisor("stop"), timeout=30)
+        await self.box.run(self._supervisor("stop"), timeout=min(30.0, self.box.command_timeout))
         return await self.wait(wait)
 
     async def wait(self, timeout: float, poll_s: float = 0.2) -> RemoteStatus:  # noqa: ASYNC109
