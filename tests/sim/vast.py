@@ -313,22 +313,23 @@ class VastEmulator:
         if every and n % every == 0:
             return web.Response(status=429, text="API requests too frequent endpoint threshold=4.5",
                                 content_type="text/plain")
-        if auth != f"Bearer {self.api_key}" and auth.startswith("Bearer "):
-            # an instance's own key: DELETE or PUT of that one instance, nothing else
+        with self._lock:
+            holder = next((i for i in self._instances.values() if auth == f"Bearer {i.api_key}"), None)
+        if holder is not None:
+            # an instance's own key (CONTAINER_API_KEY): PUT, or DELETE where allowed, of that one
+            # instance; anything else is refused
             m = _INSTANCE_PATH.match(request.path)
+            own = m is not None and int(m.group(1)) == holder.id and (
+                request.method == "PUT" or (request.method == "DELETE" and self.quirks.instance_key_destroys))
             with self._lock:
-                inst = self._instances.get(int(m.group(1))) if m else None
-                own = inst is not None and auth == f"Bearer {inst.api_key}" and (
-                    request.method == "PUT" or (request.method == "DELETE" and self.quirks.instance_key_destroys))
                 entry = self.requests[-1]
-            if own:
-                assert inst is not None
-                entry["instance_key"] = inst.id
-                response = await handler(request)
-                entry["status"] = response.status
-                return response
-            return web.json_response({"success": False, "error": "auth_error",
-                                      "msg": "this key may not do that"}, status=403 if inst else 401)
+            if not own:
+                return web.json_response({"success": False, "error": "auth_error",
+                                          "msg": "this key may not do that"}, status=403)
+            entry["instance_key"] = holder.id
+            response = await handler(request)
+            entry["status"] = response.status
+            return response
         if auth != f"Bearer {self.api_key}":
             status = 404 if self.quirks.auth_404 else 401
             return web.json_response({"success": False, "error": "auth_error", "msg": "Invalid user key"},
