@@ -14,6 +14,7 @@ contexts), global commands an earlier run left are removed, and a foreign guild 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -214,17 +215,43 @@ class LoraBot(commands.Bot):
         self.add_listener(self._on_guild_join, "on_guild_join")
 
     # --- lifecycle ----------------------------------------------------------------------------
+    async def start_services(self) -> None:
+        """The store and the worker (recovery, leases, reaper, watchdogs). `serve` runs this before
+        the Discord login: a revoked token or a Discord outage never leaves a rented box undriven."""
+        if self.store is None:
+            self.store = await JobStore(self.settings.db_path).open()
+        if self._start_worker and self.worker is None:
+            self.worker = Worker(self.store, self.settings, self.notifier, vast_factory=self._vast_factory,
+                                 storage=self._storage)
+            await self.worker.start()  # recovers jobs a previous process left running
+
+    async def login_with_backoff(self, token: str) -> None:
+        """Log in to Discord, retrying with backoff for as long as it takes (the worker keeps going)."""
+        delay = self.settings.discord_login_backoff_s
+        while True:
+            try:
+                await self.login(token)
+                return
+            except discord.LoginFailure:
+                log.error("Discord refused DISCORD_TOKEN (401): check the bot token. Jobs keep running; "
+                          "retrying the login in %.0f s", delay)
+            except Exception as exc:  # an outage, a 5xx, a network error: all retried, all logged
+                log.error("cannot log in to Discord (%s: %s); jobs keep running; retrying in %.0f s",
+                          type(exc).__name__, exc, delay)
+            with contextlib.suppress(Exception):
+                await self.http.close()  # a failed login leaves its HTTP session (and connector) open
+            self.http.connector = discord.utils.MISSING  # the next login makes a fresh one
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.discord_login_backoff_max_s)
+
     async def setup_hook(self) -> None:
-        self.store = await JobStore(self.settings.db_path).open()
+        await self.start_services()
         from bot.controls import DYNAMIC_ITEMS  # buttons that work after a restart (issue 15)
 
         self.add_dynamic_items(*DYNAMIC_ITEMS)
         for ext in EXTENSIONS:
-            await self.load_extension(ext)
-        if self._start_worker:
-            self.worker = Worker(self.store, self.settings, self.notifier, vast_factory=self._vast_factory,
-                                 storage=self._storage)
-            await self.worker.start()  # recovers jobs a previous process left running
+            if ext not in self.extensions:  # a login retried after a failed sync loads them once
+                await self.load_extension(ext)
         if self._sync_commands:
             self.synced = await self.sync_commands()
         from bot.delivery import redeliver_results  # issue 15: results a previous process could not deliver

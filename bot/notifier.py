@@ -40,6 +40,7 @@ from services.jobs.events import (
     Finished,
     JobEvent,
     LogSnippet,
+    OperatorAlert,
     Progress,
     Queued,
     Readiness,
@@ -112,12 +113,24 @@ class DiscordNotifier:
 
     # --- the Notifier protocol ----------------------------------------------------------------
     async def notify(self, job: Job, event: JobEvent) -> None:
+        if isinstance(event, OperatorAlert):  # any job's, CLI ones included: the operator must know
+            await self._alert(job, event)
+            return
         if job.channel_id is None:
             return  # a CLI job: nothing to say in Discord
         try:
             await self._handle(job, event)
         except Exception:  # a chat outage must not kill a paid job
             log.exception("discord notifier: %s on job %s failed", type(event).__name__, job.id)
+
+    async def _alert(self, job: Job, event: OperatorAlert) -> None:
+        channel_id = self.settings.admin_channel_id
+        if channel_id is None:
+            return  # the log has it at ERROR already
+        try:
+            await self._send(channel_id, content=f"\N{WARNING SIGN} lorabot: {event.text}")
+        except Exception:
+            log.exception("discord notifier: the operator alert for job %s was not posted", job.id)
 
     async def flush(self) -> None:
         """Write every pending status edit now (tests, shutdown)."""

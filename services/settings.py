@@ -218,6 +218,29 @@ class Settings(BaseSettings):
     quote_model_load_s: float = Field(240.0, ge=0, validation_alias="LORABOT_QUOTE_MODEL_LOAD_S")
     quote_upload_mbps: float = Field(100.0, gt=0, validation_alias="LORABOT_QUOTE_UPLOAD_MBPS")
 
+    # --- issue 13 (i13b): nothing bills unwatched -----------------------------------------------
+    # every command on the box ends within this many seconds (a hung one is an infrastructure failure)
+    box_command_timeout_s: float = Field(120.0, gt=0, validation_alias="LORABOT_BOX_COMMAND_TIMEOUT_S")
+    # transfers may take the command timeout plus their size at this floor throughput (MB/s)
+    transfer_floor_mb_s: float = Field(1.0, gt=0, validation_alias="LORABOT_TRANSFER_FLOOR_MB_S")
+    # the watchdog stops a job at max_runtime + this grace, or at max_job_cost x margin, whatever SSH does
+    watchdog_interval_s: float = Field(15.0, gt=0, validation_alias="LORABOT_WATCHDOG_INTERVAL_S")
+    watchdog_grace_s: float = Field(600.0, ge=0, validation_alias="LORABOT_WATCHDOG_GRACE_S")
+    watchdog_cost_margin: float = Field(1.1, ge=1.0, validation_alias="LORABOT_WATCHDOG_COST_MARGIN")
+    # the box ends its own rental when the bot has not touched its heartbeat for this long
+    deadman_s: float = Field(1800.0, gt=0, validation_alias="LORABOT_DEADMAN_S")
+    # where the box finds CONTAINER_ID / CONTAINER_API_KEY (Vast.ai sets them for PID 1, not for SSH),
+    # and the pid its dead-man's switch stops when the API refuses (`kill 1`; 0: never, the simulator)
+    box_container_environ: str = Field("/proc/1/environ", validation_alias="LORABOT_BOX_CONTAINER_ENVIRON")
+    box_container_pid: int = Field(1, ge=0, validation_alias="LORABOT_BOX_CONTAINER_PID")
+    # the partial-LoRA save of a cancel is bounded; the destroy follows whatever happens in it
+    cancel_save_timeout_s: float = Field(300.0, gt=0, validation_alias="LORABOT_CANCEL_SAVE_TIMEOUT_S")
+    # operator alerts (destroy failures); None: the log only
+    admin_channel_id: int | None = Field(None, validation_alias="LORABOT_ADMIN_CHANNEL_ID")
+    # Discord login retries (a revoked token or an outage): backoff from min to max seconds
+    discord_login_backoff_s: float = Field(5.0, gt=0, validation_alias="LORABOT_DISCORD_LOGIN_BACKOFF_S")
+    discord_login_backoff_max_s: float = Field(300.0, gt=0, validation_alias="LORABOT_DISCORD_LOGIN_BACKOFF_MAX_S")
+
     @field_validator(
         "vastai_api_url", "r2_endpoint_url", "r2_public_base_url", "r2_account_id", "r2_bucket", mode="before"
     )

@@ -33,6 +33,8 @@ from services import openssh
 from services.dataset.manifest import Manifest, ManifestFile
 
 log = logging.getLogger(__name__)
+# asyncssh logs every command line at INFO, presigned URLs included (review M5): warnings only
+logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 StageCallback = Callable[[str, str], Awaitable[None]]
 ProgressCallback = Callable[[int, int], None]
@@ -430,8 +432,16 @@ async def wait_ready(
 # the box
 
 
+class CommandTimeout(SSHError):
+    """A command or transfer on the box did not end in time while the link stayed up (a hung box)."""
+
+
 class Box:
-    """One SSH connection to the box, pinned to its host key. Use as `async with await Box.connect(...)`."""
+    """One SSH connection to the box, pinned to its host key. Use as `async with await Box.connect(...)`.
+
+    Every command ends within `command_timeout` seconds unless its caller gives another bound, and
+    every transfer within `command_timeout` plus its size at `floor_bytes_s`: a box that hangs a
+    command while sshd stays up raises CommandTimeout instead of holding the job forever."""
 
     def __init__(
         self,
@@ -444,8 +454,12 @@ class Box:
         keepalive_count_max: int = 4,
         python: str = "python3",
         openssh_from: int | None = OPENSSH_FROM,
+        command_timeout: float = 120.0,
+        floor_bytes_s: float = 1e6,
     ) -> None:
         self.endpoint = endpoint
+        self.command_timeout = command_timeout
+        self.floor_bytes_s = floor_bytes_s
         self.openssh_from = openssh_from  # datasets this big go through the OpenSSH client; None: never
         self.python = python  # the box's Python, used for fast hashing
         self.key_path = Path(key_path)
@@ -522,6 +536,10 @@ class Box:
             await self.reconnect()
             return await op()
 
+    def transfer_timeout(self, nbytes: int) -> float:
+        """How long moving `nbytes` may take: the command timeout plus the bytes at the floor rate."""
+        return self.command_timeout + max(0, nbytes) / self.floor_bytes_s
+
     # --- commands ---------------------------------------------------------------------------------
     @staticmethod
     def _command(argv: Sequence[str]) -> str:
@@ -536,13 +554,15 @@ class Box:
         self, argv: Sequence[str], input: bytes | None = None, timeout: float | None = None  # noqa: ASYNC109
     ) -> tuple[int, bytes, bytes]:
         cmd = self._command(argv)
+        if timeout is None:
+            timeout = self.transfer_timeout(len(input)) if input else self.command_timeout
         conn = await self._connection()
         try:
             # without input, stdin must still see EOF (asyncssh leaves it open), or a reader hangs
             stdin: dict[str, Any] = {"input": input} if input else {"stdin": asyncssh.DEVNULL}
             res = await asyncio.wait_for(conn.run(cmd, encoding=None, check=False, **stdin), timeout)
         except TimeoutError:
-            raise SSHError(f"{argv[0]} timed out after {timeout}s") from None
+            raise CommandTimeout(f"{argv[0]} timed out after {timeout:.0f}s on {self.endpoint}") from None
         except (OSError, asyncssh.Error) as exc:
             raise ConnectionLostError(f"connection to {self.endpoint} lost running {argv[0]}: {exc}") from exc
         if res.exit_status is None:
@@ -575,21 +595,25 @@ class Box:
 
         return bool(await self._retrying(op))
 
-    async def tail(self, remote_path: str, offset: int, max_bytes: int = 256 * 1024) -> tuple[bytes, int]:
+    async def tail(
+        self, remote_path: str, offset: int, max_bytes: int = 256 * 1024, *, touch: str | None = None
+    ) -> tuple[bytes, int]:
         """Bytes of `remote_path` from `offset` (at most max_bytes), and the offset to read on from.
 
         A missing file reads as empty. A file shorter than `offset` (rotated) restarts from 0.
+        `touch`: a file to touch in the same round trip (the bot's heartbeat for the dead-man's switch).
         """
         if offset < 0 or max_bytes <= 0:
             raise ValueError("offset must be >= 0 and max_bytes > 0")
         script = (
+            '[ -z "$4" ] || touch -- "$4" 2>/dev/null; '
             '[ -f "$1" ] || exit 3; size=$(wc -c < "$1"); echo "$size"; '
             '[ "$size" -gt "$2" ] || exit 0; tail -c +"$(($2 + 1))" -- "$1" | head -c "$3"'
         )
 
         async def op() -> tuple[bytes, int]:
             status, out, err = await self._run_raw(["sh", "-c", script, "tail", remote_path, str(offset),
-                                                   str(max_bytes)])
+                                                   str(max_bytes), touch or ""])
             if status == 3:
                 return b"", offset
             if status != 0:
@@ -622,18 +646,27 @@ class Box:
             'cat > "$tmp"; chmod "$2" "$tmp"; sha256sum -- "$tmp" | cut -c1-64; mv -f -- "$tmp" "$1"'
         )
         cmd = self._command(["sh", "-c", script, "put", remote, format(mode, "o")])
+        size = (await asyncio.to_thread(local.stat)).st_size
         conn = await self._connection()
         digest = hashlib.sha256()
+        limit = self.transfer_timeout(size)
         try:
-            proc = await conn.create_process(cmd, encoding=None)
-            fh = await asyncio.to_thread(local.open, "rb")
-            with fh:
-                while chunk := await asyncio.to_thread(fh.read, _CHUNK):
-                    digest.update(chunk)
-                    proc.stdin.write(chunk)
-                    await proc.stdin.drain()
-            proc.stdin.write_eof()
-            res = await proc.wait()
+            async with asyncio.timeout(limit):
+                proc = await conn.create_process(cmd, encoding=None)
+                try:
+                    fh = await asyncio.to_thread(local.open, "rb")
+                    with fh:
+                        while chunk := await asyncio.to_thread(fh.read, _CHUNK):
+                            digest.update(chunk)
+                            proc.stdin.write(chunk)
+                            await proc.stdin.drain()
+                    proc.stdin.write_eof()
+                    res = await proc.wait()
+                finally:
+                    if not proc.is_closing():
+                        proc.close()
+        except TimeoutError:
+            raise CommandTimeout(f"upload of {local.name} took longer than {limit:.0f}s") from None
         except (OSError, asyncssh.Error) as exc:
             raise ConnectionLostError(f"upload of {local.name} interrupted: {exc}") from exc
         if res.exit_status != 0:
@@ -659,16 +692,27 @@ class Box:
         cmd = self._command(["cat", "--", remote])
         conn = await self._connection()
         digest = hashlib.sha256()
+        t0 = time.monotonic()
+        received = 0
+
+        async def next_chunk() -> bytes:
+            # a head start of one command timeout, then at least the floor rate on average
+            allowed = t0 + self.command_timeout + (received + _CHUNK) / self.floor_bytes_s - time.monotonic()
+            try:
+                return bytes(await asyncio.wait_for(proc.stdout.read(_CHUNK), max(0.0, allowed)))
+            except TimeoutError:
+                proc.close()
+                raise CommandTimeout(f"download of {remote} fell below {self.floor_bytes_s / 1e6:g} MB/s") from None
+
         try:
             proc = await conn.create_process(cmd, encoding=None, stdin=asyncssh.DEVNULL)
             fh = await asyncio.to_thread(tmp.open, "wb")
             with fh:
                 buf: list[bytes] = []
                 pending = 0
-                total = 0
-                while chunk := await proc.stdout.read(_CHUNK):
-                    total += len(chunk)
-                    if max_bytes is not None and total > max_bytes:
+                while chunk := await next_chunk():
+                    received += len(chunk)
+                    if max_bytes is not None and received > max_bytes:
                         proc.kill()
                         raise TooLargeError(f"{remote} is larger than {max_bytes} bytes")
                     digest.update(chunk)
@@ -679,10 +723,14 @@ class Box:
                         buf, pending = [], 0
                 if buf:
                     await asyncio.to_thread(fh.write, b"".join(buf))
-            res = await proc.wait()
-        except TooLargeError:
+            res = await asyncio.wait_for(proc.wait(), self.command_timeout)
+        except (CommandTimeout, TooLargeError):
             tmp.unlink(missing_ok=True)
             raise
+        except TimeoutError:
+            tmp.unlink(missing_ok=True)
+            proc.close()
+            raise CommandTimeout(f"download of {remote}: no exit status within {self.command_timeout:.0f}s") from None
         except (OSError, asyncssh.Error) as exc:
             tmp.unlink(missing_ok=True)
             raise ConnectionLostError(f"download of {remote} interrupted: {exc}") from exc
@@ -722,13 +770,19 @@ class Box:
         big = self.openssh_from is not None and manifest.total_bytes >= self.openssh_from
         binary = openssh.available() if big else None
         result = None
-        if binary is not None:
-            try:
-                result = await self._upload_openssh(binary, cmd, folder, manifest, progress)
-            except openssh.OpenSSHUnusable as exc:
-                log.warning("OpenSSH could not ship to %s (%s); using the built-in client", self.endpoint, exc)
-        if result is None:
-            result = await self._upload_asyncssh(cmd, folder, manifest, progress)
+        limit = self.transfer_timeout(manifest.total_bytes)
+        try:
+            async with asyncio.timeout(limit):  # both transports together: a fallback does not reset it
+                if binary is not None:
+                    try:
+                        result = await self._upload_openssh(binary, cmd, folder, manifest, progress)
+                    except openssh.OpenSSHUnusable as exc:
+                        log.warning("OpenSSH could not ship to %s (%s); using the built-in client",
+                                    self.endpoint, exc)
+                if result is None:
+                    result = await self._upload_asyncssh(cmd, folder, manifest, progress)
+        except TimeoutError:
+            raise CommandTimeout(f"dataset upload to {self.endpoint} took longer than {limit:.0f}s") from None
         status, out, err = result
         if status == 97:
             raise RemoteCommandError(["mkdir", dest], 97, _text(err))
@@ -801,7 +855,8 @@ class Box:
         """Hash every manifest file under `dest` on the box; raise VerificationError naming mismatches."""
         listing = "".join(f"{f.path}\n" for f in manifest.files)
         script = 'cd -- "$1" && exec "$2" -c "$3"'
-        res = await self.run(["sh", "-c", script, "verify", dest, self.python, _HASHER_ALL], input=listing, check=False)
+        res = await self.run(["sh", "-c", script, "verify", dest, self.python, _HASHER_ALL], input=listing, check=False,
+                             timeout=self.transfer_timeout(manifest.total_bytes))
         bad = _compare(manifest, _parse_sha256sum(res.stdout))
         if bad:
             raise VerificationError(f"sha256 mismatch on the box under {dest}", bad)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 import typer
 
 from services.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from bot.app import LoraBot
 
 EXIT_USAGE = 2
 
@@ -33,14 +37,17 @@ def load(require_token: bool = True, require_guild: bool = True) -> Settings:
     return s
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, bot: LoraBot | None = None) -> None:
     from bot.app import LoraBot, apply_test_endpoints
 
     apply_test_endpoints()
     assert settings.discord_token is not None
-    bot = LoraBot(settings)
+    bot = bot or LoraBot(settings)
     async with bot:
-        await bot.start(settings.discord_token.get_secret_value())
+        # jobs first: the worker drives every rented box whether or not Discord lets us in
+        await bot.start_services()
+        await bot.login_with_backoff(settings.discord_token.get_secret_value())
+        await bot.connect()
 
 
 def main() -> None:

@@ -100,6 +100,14 @@ class Cancelled(JobEvent):
     partial_url: str | None = None
 
 
+@dataclass(frozen=True)
+class OperatorAlert(JobEvent):
+    """Something only the operator can fix (an instance that could not be destroyed): goes to the
+    admin channel (LORABOT_ADMIN_CHANNEL_ID), never to the job's channel."""
+
+    text: str
+
+
 class Notifier(Protocol):
     async def notify(self, job: Job, event: JobEvent) -> None: ...
 

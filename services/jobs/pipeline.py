@@ -11,6 +11,7 @@ process itself (asyncio cancellation) leaves the box running, on purpose: the ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ from services.jobs.events import (
     JobEvent,
     LogSnippet,
     Notifier,
+    OperatorAlert,
     Progress,
     Readiness,
     SampleImage,
@@ -49,6 +51,7 @@ from services.remote.driver import RemoteJob, RemoteStatus
 from services.settings import Settings, redact
 from services.ssh import (
     Box,
+    CommandTimeout,
     Endpoint,
     HostKeyMismatch,
     ReadinessDeadlines,
@@ -80,6 +83,13 @@ def _local_name(remote_path: str) -> str:
     name = posixpath.basename(remote_path)
     return name if _SAFE_NAME.fullmatch(name) and ".." not in name else "artifact.bin"
 S = JobState
+_CHECKPOINT_FETCH_S = 1800.0  # a resumed job's checkpoint download from R2 onto the box
+
+
+def _curl_config(url: str) -> str:
+    """A curl config (`-K -`) naming `url`, quoted as curl's config syntax wants."""
+    quoted = url.replace("\\", "\\\\").replace('"', '\\"')
+    return f'url = "{quoted}"\n'
 
 
 @dataclass
@@ -143,6 +153,7 @@ class Pipeline:
         self._nan_reported = False
         self._seen_samples: set[str] = set()
         self._last_download_note = 0.0
+        self._finishing = False  # carrying out a cancel: remote calls are no longer interrupted by it
         self._work = Path(self.s.work_dir) / job_id
         self._unknown_since: dict[int, float] = {}  # instance id -> first `unknown` seen in a row
 
@@ -349,7 +360,9 @@ class Pipeline:
             try:
                 self._box = await Box.connect(endpoint, self.s.ssh_key_path, job.host_key,
                                               connect_timeout=self.s.ssh_connect_timeout_s,
-                                              python=self.s.remote_python)
+                                              python=self.s.remote_python,
+                                              command_timeout=self.s.box_command_timeout_s,
+                                              floor_bytes_s=self.s.transfer_floor_mb_s * 1e6)
                 self._remote = None
                 return self._box
             except HostKeyMismatch as exc:
@@ -409,13 +422,52 @@ class Pipeline:
         # a host that stopped reporting while SSH and the trainer still work is left to finish
         self._judge(inst, job.instance_id, ssh_ok=ssh_ok)
 
-    async def _remote_call(self, job: Job, what: str, fn: Any) -> Any:
-        """Run `fn(remote)`, reconnecting through drops until the SSH-lost deadline."""
+    def _attempt_timeout(self, nbytes: int = 0) -> float:
+        """The bound of one `_remote_call` attempt: a few commands (a stop waits out both grace
+        periods) plus `nbytes` at the floor transfer rate."""
+        s = self.s
+        commands = max(4 * s.box_command_timeout_s,
+                       s.box_command_timeout_s + s.remote_stop_grace_s + s.remote_kill_grace_s + 30.0)
+        return commands + nbytes / (s.transfer_floor_mb_s * 1e6)
+
+    async def _attempt(self, call: Any, what: str, limit: float) -> Any:
+        """Await one remote call, bounded by `limit`; a cancel interrupts it (except while the cancel
+        itself is being carried out), so a hung command never holds up /cancel either."""
+        task = asyncio.ensure_future(call)
+        waits: set[asyncio.Future[Any]] = {task}
+        cancelled = None if self._finishing else asyncio.ensure_future(self.cancel_event.wait())
+        if cancelled is not None:
+            waits.add(cancelled)
+        try:
+            done, _ = await asyncio.wait(waits, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if cancelled is not None:
+                cancelled.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if task in done:
+            return task.result()
+        if cancelled is not None and cancelled in done:
+            raise JobCancelled(self.cancelled_by)
+        raise CommandTimeout(f"{what} took longer than {limit:.0f}s")
+
+    async def _remote_call(self, job: Job, what: str, fn: Any, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109
+        """Run `fn(remote)`, reconnecting through drops until the SSH-lost deadline. Each attempt is
+        bounded (`timeout`, default `_attempt_timeout()`): a box that hangs a command while its sshd
+        answers is an infrastructure failure, never a wait."""
         deadline = time.monotonic() + self.s.ssh_lost_timeout_s
+        limit = timeout if timeout is not None else self._attempt_timeout()
         while True:
             remote = await self._remote_job(job)
             try:
-                return await fn(remote)
+                return await self._attempt(fn(remote), what, limit)
+            except CommandTimeout as exc:
+                log.warning("job %s: %s hung on the box: %s", job.id, what, exc)
+                await self._close_box()
+                await self._ensure_instance_alive(job)
+                raise InfraFailure("box_hung", f"the machine stopped answering during {what}: {exc}") from None
             except (RemoteCommandError, VerificationError):
                 # the command failed on a working link: reconnecting would not help. A host going
                 # away can fail a command in odd ways first (files gone mid-command): blame the host
@@ -474,9 +526,11 @@ class Pipeline:
             await remote.box.put_file(UPLOADER, f"{root}/upload_presigned.py", 0o755)
             await self._restore_checkpoint(job, remote, output)
 
+        resume_s = _CHECKPOINT_FETCH_S if job.artifacts.get("checkpoint") else 0.0
+        bound = self._attempt_timeout(manifest.total_bytes) + resume_s
         try:
             async with self.d.startups:
-                await self._remote_call(job, "upload", ship)
+                await self._remote_call(job, "upload", ship, timeout=bound)
         except SSHError as exc:  # a checksum mismatch after retries: the link corrupts data
             raise InfraFailure("upload", f"dataset upload failed: {exc}") from None
         measured = dict(job.measured, upload_s=round(time.monotonic() - t0, 3))
@@ -522,8 +576,9 @@ class Pipeline:
         tmp = posixpath.join(posixpath.dirname(dest), ".lorabot-restore.tmp")
         try:
             link = await self.d.storage.link(key, expires_s=3600)
-            res = await remote.box.run(["curl", "-fsS", "--retry", "3", "-o", tmp, "--", link.url], check=False,
-                                       timeout=1800)
+            # the presigned URL goes in on stdin as a curl config (`-K -`): never in argv, ps or a log
+            res = await remote.box.run(["curl", "-fsS", "--retry", "3", "-o", tmp, "-K", "-"], check=False,
+                                       input=_curl_config(link.url), timeout=_CHECKPOINT_FETCH_S)
             good = res.exit_status == 0
             if good and sha256 and size:
                 check = await remote.box.run([self.s.remote_python, f"{remote.job_dir}/upload_presigned.py",
@@ -547,7 +602,11 @@ class Pipeline:
         t0 = time.monotonic()
         if "trainer_commit" not in job.measured:
             job = await self._record_trainer_commit(job)
-        status: RemoteStatus = await self._remote_call(job, "launch", lambda r: r.launch())
+        # the box's own hard deadline: the watchdog's latest (a collect's), so the box never ends itself
+        # while the bot may still be saving the LoRA from it
+        hard_end = (job.started_at or time.time()) + self.s.max_runtime_s + 2 * self.s.watchdog_grace_s
+        deadline_in = max(1.0, hard_end - time.time())
+        status: RemoteStatus = await self._remote_call(job, "launch", lambda r: r.launch(deadline_in))
         if status.launched:
             commit = str(job.measured.get("trainer_commit", "unknown"))[:12]
             await self._emit(job, Readiness("launched", f"trainer started (ai-toolkit {commit})"))
@@ -633,7 +692,11 @@ class Pipeline:
 
     async def _limits(self, job: Job, started: float, silent_s: float) -> None:
         async def stop_and_fail(kind: str, message: str) -> None:
-            await self._remote_call(job, "stop", lambda r: r.stop())
+            # a limit stop is final (M4): whatever happens to the stop, never a retry on a new machine
+            try:
+                await self._remote_call(job, "stop", lambda r: r.stop())
+            except Exception as exc:
+                log.warning("job %s: stopping the trainer at the %s limit failed: %s", job.id, kind, exc)
             tail = "\n".join(self._parser.tail()) if self._parser else ""
             raise JobFailure(kind, message, last_lines=self._redact(tail[-1500:]))
 
@@ -783,7 +846,8 @@ class Pipeline:
         except (SSHError, StorageError, ValueError, KeyError) as exc:
             log.warning("direct upload of %s failed (%s); falling back to SSH download", path, exc)
         local = self._work / "collect" / _local_name(path)
-        await self._remote_call(job, "download", lambda r: r.box.download(path, local, max_bytes=LORA_MAX_BYTES))
+        await self._remote_call(job, "download", lambda r: r.box.download(path, local, max_bytes=LORA_MAX_BYTES),
+                                timeout=self._attempt_timeout(LORA_MAX_BYTES))
         await storage.upload_file(local, key)
         return await asyncio.to_thread(_sha256_size, local)
 
@@ -798,14 +862,16 @@ class Pipeline:
             info = json.loads(res.stdout.strip().splitlines()[-1])
             sha, size = str(info["sha256"]), int(info["size"])
             put = await storage.presign_put(key, expires_s=3600, sha256=sha)
-            argv = [self.s.remote_python, f"{root}/upload_presigned.py", "put", path, put.url]
+            # the URL (a bearer credential) on stdin ("-"): never in argv, ps or asyncssh's log (M5)
+            argv = [self.s.remote_python, f"{root}/upload_presigned.py", "put", path, "-"]
             for name, value in put.headers.items():
                 argv += ["-H", f"{name}: {value}"]
-            await remote.box.run(argv, timeout=3600)
+            await remote.box.run(argv, input=put.url + "\n", timeout=remote.box.transfer_timeout(size))
             await storage.verify(key, size, sha)
             return sha, size
 
-        result: tuple[str, int] = await self._remote_call(job, f"upload {posixpath.basename(path)}", direct)
+        result: tuple[str, int] = await self._remote_call(job, f"upload {posixpath.basename(path)}", direct,
+                                                          timeout=self._attempt_timeout(LORA_MAX_BYTES))
         return result
 
     # --- collect ------------------------------------------------------------------------------
@@ -821,14 +887,19 @@ class Pipeline:
         if self.d.storage is None:
             raise JobFailure("config", "R2 is not configured (R2_BUCKET and keys): the LoRA cannot be stored")
         storage = self.d.storage
-        if not (job.lora_stored or job.local_lora):
-            if job.instance_gone_at is not None:
-                raise JobFailure("collect", "the machine was gone before the LoRA could be saved")
-            await self._emit(job, Readiness("collecting", "storing the LoRA"))
-            job = await self._secure_lora(job, out.final_lora, keys.lora)
-        if job.instance_gone_at is None:
-            await self._fetch_log(job)
-            job = await self._destroy(job)  # the LoRA is safe: stop paying for the machine now
+        # the box's dead-man's switch stays fed while the LoRA is being saved from it
+        heartbeat = asyncio.create_task(self._heartbeat(job), name=f"lorabot-heartbeat-{job.id}")
+        try:
+            if not (job.lora_stored or job.local_lora):
+                if job.instance_gone_at is not None:
+                    raise JobFailure("collect", "the machine was gone before the LoRA could be saved")
+                await self._emit(job, Readiness("collecting", "storing the LoRA"))
+                job = await self._secure_lora(job, out.final_lora, keys.lora)
+            if job.instance_gone_at is None:
+                await self._fetch_log(job)
+                job = await self._destroy(job)  # the LoRA is safe: stop paying for the machine now
+        finally:
+            heartbeat.cancel()
         link, links, job = await self._store_results(job, keys)
         expires = link.expires_at.timestamp() if link.expires_at else None
         measured = dict(job.measured, collect_s=round(time.monotonic() - t0, 3), stored_at=time.time())
@@ -927,6 +998,17 @@ class Pipeline:
         link = await storage.link(keys.lora, expires_s=self.s.link_expiry_s)
         return link, {"lora": link.url}, job
 
+    async def _heartbeat(self, job: Job) -> None:
+        """Keep the box's dead-man's switch fed while collecting (the monitor loop feeds it before)."""
+        while True:
+            box = self._box  # only on the collect's own connection: never a second one racing it
+            if box is not None and box.connected:
+                try:
+                    await RemoteJob(box, self._remote_dir(job), self.s).touch()
+                except SSHError as exc:
+                    log.info("job %s: heartbeat not delivered: %s", job.id, exc)
+            await asyncio.sleep(max(1.0, min(self.s.monitor_interval_s * 5, self.s.deadman_s / 4)))
+
     # --- endings ------------------------------------------------------------------------------
     async def _destroy(self, job: Job) -> Job:
         """Destroy the rented machine (verified) and settle its cost; retried, never skipped.
@@ -987,16 +1069,28 @@ class Pipeline:
         try:
             return await self._destroy(job), ""
         except Exception as exc:  # a full disk (store write) or the API: the reaper's sweep retries
-            log.error("job %s: %s", job.id, exc)
+            log.error("job %s: instance %s NOT destroyed (it may still bill): %s", job.id, job.instance_id, exc)
+            await self._emit(job, OperatorAlert(
+                f"instance {job.instance_id} of job {job.id} could not be destroyed and may still bill: {exc}. "
+                "The reaper retries; check the Vast.ai console."))
             return job, f"; WARNING: instance {job.instance_id} not destroyed yet, the reaper will retry"
 
     async def _finish_cancelled(self, by: str) -> Job:
+        self._finishing = True
         job = await self.d.store.require(self.job_id)
         if job.state.terminal:
             return job
         partial_url = None
         if job.state == S.TRAINING and job.host_key:
-            partial_url = await self._stop_for_cancel(job)
+            # bounded, and whatever goes wrong in it (OSError included) the destroy below still runs
+            try:
+                async with asyncio.timeout(self.s.cancel_save_timeout_s):
+                    partial_url = await self._stop_for_cancel(job)
+            except Exception as exc:
+                log.warning("job %s: stopping / saving the partial LoRA failed: %s: %s", job.id,
+                            type(exc).__name__, exc)
+            await self._close_box()
+            job = await self.d.store.require(self.job_id)
         destroyed = job.instance_id if job.instance_gone_at is None else None
         job, warn = await self._safe_destroy(job)
         reason = (f"cancelled by {by}" if by else "cancelled") + warn
@@ -1027,6 +1121,18 @@ class Pipeline:
         except (SSHError, StorageError, JobFailure, TimeoutError) as exc:
             log.warning("job %s: no partial LoRA saved: %s", job.id, exc)
             return None
+
+    async def end_at_limit(self, kind: str, message: str) -> Job:
+        """The watchdog's way out: destroy through the API (no SSH) and fail; never a retry (M4)."""
+        job = await self.d.store.require(self.job_id)
+        if job.state.terminal:
+            return job
+        self._box, self._remote = None, None  # the cancelled task owned that connection
+        job, warn = await self._safe_destroy(job)
+        reason = message + warn
+        job = await self._to(job, S.FAILED, reason, failure_kind=kind, cost_usd=job.cost_so_far())
+        await self._emit(job, Failed(reason, kind, "", job.cost_so_far()))
+        return job
 
     async def _failed(self, exc: JobFailure) -> Job:
         job = await self.d.store.require(self.job_id)

@@ -28,6 +28,7 @@ from services.jobs.events import Cancelled, Failed, Notifier, Queued
 from services.jobs.model import Job, JobState
 from services.jobs.pipeline import Deps, Pipeline, job_id_from_label
 from services.jobs.store import JobStore
+from services.jobs.watchdog import watch
 from services.localfiles import private_dir, warn_on_exposed_key
 from services.settings import Settings
 from services.storage import Storage
@@ -75,6 +76,7 @@ class Worker:
         self._pending: list[str] = []  # queued job ids, in order
         self._dequeued = asyncio.Event()  # pulsed (set, then replaced) when a job leaves _pending
         self._running: dict[str, tuple[asyncio.Task[Job], Pipeline]] = {}
+        self._watchdogs: dict[str, asyncio.Task[Job | None]] = {}  # job id -> its watchdog (issue 13)
         self._users: dict[str, str] = {}  # job id -> user id of running jobs
         self._wake = asyncio.Event()
         self._startups = asyncio.Semaphore(settings.max_concurrent_startups)
@@ -102,6 +104,10 @@ class Worker:
         """Graceful: running jobs keep training on their boxes; their leases are released."""
         for task in self._tasks:
             task.cancel()
+        for dog in list(self._watchdogs.values()):  # first: a shutdown is not a limit stop
+            dog.cancel()
+        await asyncio.gather(*self._watchdogs.values(), return_exceptions=True)
+        self._watchdogs.clear()
         for job_task, _ in list(self._running.values()):
             job_task.cancel()
         running = [t for t, _ in self._running.values()]
@@ -181,7 +187,7 @@ class Worker:
                 entry = self._running.get(job_id)
                 if entry is not None:
                     with contextlib.suppress(Exception):
-                        await asyncio.shield(entry[0])
+                        await self._outcome(job_id, entry[0])
                 dequeued = self._dequeued  # taken before the read below, so no pulse is missed
                 job = await self.store.require(job_id)
                 if job.state.terminal or job.state == S.PREPARED:
@@ -242,7 +248,25 @@ class Worker:
         task = asyncio.create_task(self._drive(pipeline), name=f"lorabot-job-{job.id}")
         self._running[job.id] = (task, pipeline)
         self._users[job.id] = job.user_id
+        dog = asyncio.create_task(watch(pipeline, task, owner=self.owner), name=f"lorabot-watchdog-{job.id}")
+        self._watchdogs[job.id] = dog
+
+        def forget(done: asyncio.Task[Job | None], job_id: str = job.id) -> None:
+            if self._watchdogs.get(job_id) is done:
+                del self._watchdogs[job_id]
+
+        dog.add_done_callback(forget)
         return task
+
+    async def _outcome(self, job_id: str, task: asyncio.Task[Job]) -> Job:
+        """The job a pipeline task ended with; also when its watchdog cancelled it at a limit."""
+        await asyncio.wait({task})  # neither raises the task's error nor cancels it if we are cancelled
+        if not task.cancelled():
+            return task.result()
+        dog = self._watchdogs.get(job_id)
+        if dog is not None:
+            await asyncio.wait({dog})
+        return await self.store.require(job_id)
 
     async def _drive(self, pipeline: Pipeline) -> Job:
         try:
@@ -317,6 +341,8 @@ class Worker:
         instance = job.instance_id if job.instance_gone_at is None else None
         if job.state.terminal:
             return CancelResult(job, None, job.cost_so_far())
+        # written before anything else: a restart (or crash) from here on still finishes the cancel
+        await self.store.request_cancel(job_id)
         if job_id in self._pending:
             self._dequeue(job_id)
         if job.state in (S.VALIDATING, S.AWAITING_CONFIRMATION, S.QUEUED) and job_id not in self._running:
@@ -328,7 +354,7 @@ class Worker:
         if entry is not None:
             task, pipeline = entry
             pipeline.request_cancel(by)
-            job = await asyncio.shield(task)
+            job = await self._outcome(job_id, task)
             return CancelResult(job, instance, job.cost_so_far())
         await self.store.request_cancel(job_id)
         now = time.time()
@@ -347,7 +373,7 @@ class Worker:
         cancel = asyncio.Event()
         task = self._launch(job, cancel)
         self._running[job_id][1].request_cancel(by)
-        job = await asyncio.shield(task)
+        job = await self._outcome(job_id, task)
         return CancelResult(job, instance, job.cost_so_far())
 
     async def run_here(self, job_id: str) -> Job:
@@ -358,7 +384,7 @@ class Worker:
         if job.id in self._pending:
             self._dequeue(job.id)
         task = self._running[job_id][0] if job_id in self._running else self._launch(job)
-        return await asyncio.shield(task)
+        return await self._outcome(job_id, task)
 
     # --- reaper -------------------------------------------------------------------------------
     async def reconcile(self, destroy: bool) -> list[Instance]:

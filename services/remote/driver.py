@@ -119,6 +119,10 @@ class RemoteJob:
         return self.path("log.txt")
 
     @property
+    def heartbeat_path(self) -> str:
+        return self.path("bot_heartbeat")
+
+    @property
     def config_path(self) -> str:
         return self.path(self._config_name)
 
@@ -146,9 +150,13 @@ class RemoteJob:
             self.box.put_bytes("".join(lines).encode(), self.path("env"), 0o600),
         )
 
-    async def launch(self) -> RemoteStatus:
-        """Start the trainer through the supervisor; a job already launched is left as it is."""
+    async def launch(self, deadline_in: float = 0.0) -> RemoteStatus:
+        """Start the trainer through the supervisor; a job already launched is left as it is.
+
+        The supervisor's dead-man's switch ends the rental when the bot has not touched the heartbeat
+        for LORABOT_DEADMAN_S, or `deadline_in` seconds from now (0: no deadline) have passed."""
         s = self.settings
+        await self.touch()  # a re-attach after a long outage must not find the switch already tripped
         res = await self.box.run(
             self._supervisor(
                 "launch",
@@ -158,6 +166,11 @@ class RemoteJob:
                 "--grace-int", str(s.remote_stop_grace_s),
                 "--grace-term", str(s.remote_kill_grace_s),
                 "--heartbeat", str(s.remote_heartbeat_s),
+                "--deadman", str(s.deadman_s),
+                "--deadline-in", str(max(0.0, deadline_in)),
+                "--vast-api-url", s.vastai_api_url,
+                "--container-environ", s.box_container_environ,
+                "--container-pid", str(s.box_container_pid),
             ),
             timeout=60,
         )
@@ -169,7 +182,7 @@ class RemoteJob:
 
         async def op() -> RemoteStatus:
             res = await self.box.run(["sh", "-c", script, "status", self.supervisor_path,
-                                      *self._supervisor("status")], timeout=30)
+                                      *self._supervisor("status")], timeout=min(30.0, self.box.command_timeout))
             return RemoteStatus.from_json(res.stdout)
 
         result: RemoteStatus = await self.box._retrying(op)
@@ -177,14 +190,19 @@ class RemoteJob:
 
     async def read_log(self, offset: int, max_bytes: int = 256 * 1024) -> tuple[bytes, int]:
         """New log bytes from `offset` and the offset to read on from (persist it to resume later)."""
-        return await self.box.tail(self.log_path, offset, max_bytes)
+        return await self.box.tail(self.log_path, offset, max_bytes, touch=self.heartbeat_path)
+
+    async def touch(self) -> None:
+        """Tell the box's dead-man's switch the bot is still here."""
+        await self.box.run(["sh", "-c", 'mkdir -p -- "$(dirname -- "$1")" && touch -- "$1"', "touch",
+                            self.heartbeat_path])
 
     async def stop(self, grace_s: float | None = None) -> RemoteStatus:
         """Ask the supervisor to stop (SIGINT, SIGTERM, SIGKILL over its grace periods) and wait up to
         `grace_s` (default: both grace periods plus a margin) for the trainer to exit."""
         s = self.settings
         wait = grace_s if grace_s is not None else s.remote_stop_grace_s + s.remote_kill_grace_s + 5.0
-        await self.box.run(self._supervisor("stop"), timeout=30)
+        await self.box.run(self._supervisor("stop"), timeout=min(30.0, self.box.command_timeout))
         return await self.wait(wait)
 
     async def wait(self, timeout: float, poll_s: float = 0.2) -> RemoteStatus:  # noqa: ASYNC109

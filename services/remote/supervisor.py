@@ -15,6 +15,16 @@ the job folder:
     lock         flock held by the daemon for its whole life: a second launch sees it and does nothing
     stop         created by `stop`: SIGINT to the trainer's group, then SIGTERM, then SIGKILL after
                  the grace periods
+    bot_heartbeat touched by the bot on every monitor cycle (the dead-man's switch reads its mtime)
+
+Dead-man's switch (`--deadman S`, `--deadline-in S`): when the bot has not touched bot_heartbeat for S
+seconds, or the job's hard deadline passed, the daemon stops the trainer (as `stop` does) and ends the
+rental itself: DELETE /api/v0/instances/$CONTAINER_ID/ with the instance-scoped $CONTAINER_API_KEY
+Vast.ai gives every instance (read from `--container-environ`, /proc/1/environ: SSH sessions do not
+inherit it); if that is refused, PUT state=stopped with the same key; if that fails too, SIGTERM to
+`--container-pid` (1: the container's init, so the container stops and only its storage bills), and
+that only where CONTAINER_ID says this is a Vast.ai container.
+The daemon keeps watching after the trainer exits, until the bot's heartbeat goes stale.
 The trainer's environment comes from `<job dir>/env` (KEY=VALUE lines, mode 600; HF_TOKEN lives
 there); its values are never written to the log or the status.
 """
@@ -38,7 +48,7 @@ PHASES = ("starting", "running", "stopping", "exited")
 def _paths(job_dir: str) -> dict[str, str]:
     return {
         name: os.path.join(job_dir, name)
-        for name in ("log.txt", "pid", "status.json", "lock", "stop", "env", "supervisor.log")
+        for name in ("log.txt", "pid", "status.json", "lock", "stop", "env", "supervisor.log", "bot_heartbeat")
     }
 
 
@@ -218,6 +228,7 @@ def _supervise(args: argparse.Namespace, job_dir: str, p: dict, status: dict) ->
     os.replace(p["pid"] + ".tmp", p["pid"])
     status.update(phase="running", trainer_pid=proc.pid, heartbeat=time.time())
     write_status(job_dir, status)
+    deadline = time.time() + args.deadline_in if args.deadline_in > 0 else None
 
     escalation: list = []  # [(deadline, signal), ...] once a stop is requested
     last_beat = 0.0
@@ -226,6 +237,11 @@ def _supervise(args: argparse.Namespace, job_dir: str, p: dict, status: dict) ->
         if rc is not None:
             break
         now = time.time()
+        if not escalation and "deadman" not in status:
+            reason = _deadman_reason(args, p, status, deadline, now)
+            if reason:  # the bot is gone (or the job is past its end): stop training, as `stop` does
+                status["deadman"] = reason
+                _touch_stop(p)
         if not escalation and os.path.exists(p["stop"]):
             status.update(phase="stopping", stop_requested=True, stop_requested_at=now)
             _signal_group(proc.pid, signal.SIGINT)
@@ -254,6 +270,94 @@ def _supervise(args: argparse.Namespace, job_dir: str, p: dict, status: dict) ->
         heartbeat=time.time(),
     )
     write_status(job_dir, status)
+    # the trainer is done, the rental is not: keep the switch armed until the bot collects and
+    # destroys (the container then goes with it) or goes silent (then end the rental here)
+    while "deadman" not in status:
+        if args.deadman <= 0 and deadline is None:
+            return
+        now = time.time()
+        reason = _deadman_reason(args, p, status, deadline, now)
+        if reason:
+            status["deadman"] = reason
+            break
+        time.sleep(min(1.0, args.heartbeat))
+    status["deadman_action"] = "ending the rental"
+    write_status(job_dir, status)
+    status["deadman_action"] = end_rental(args)
+    write_status(job_dir, status)
+
+
+def _deadman_reason(args: argparse.Namespace, p: dict, status: dict, deadline: float | None, now: float) -> str:
+    if deadline is not None and now > deadline:
+        return "the job's hard deadline passed"
+    if args.deadman > 0:
+        try:
+            last = os.path.getmtime(p["bot_heartbeat"])
+        except OSError:
+            last = 0.0
+        last = max(last, float(status.get("started_at") or 0.0))
+        if now - last > args.deadman:
+            return "no word from the bot for %.0f s" % (now - last)
+    return ""
+
+
+def _touch_stop(p: dict) -> None:
+    if not os.path.exists(p["stop"]):
+        with open(p["stop"] + ".tmp", "w") as fh:
+            fh.write("%f\n" % time.time())
+        os.replace(p["stop"] + ".tmp", p["stop"])
+
+
+def container_env(path: str) -> dict:
+    """CONTAINER_ID / CONTAINER_API_KEY: our environment first, else the container's init's."""
+    env = {}
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as fh:
+            raw = fh.read(1 << 20)
+        for item in raw.replace(b"\n", b"\0").split(b"\0"):
+            key, sep, value = item.decode("utf-8", "replace").partition("=")
+            if sep:
+                env[key.strip()] = value.strip()
+    for key in ("CONTAINER_ID", "CONTAINER_API_KEY"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env
+
+
+def _vast(method: str, url: str, key: str, body: object = None) -> bool:
+    import urllib.request
+
+    if not url.startswith(("https://", "http://")):
+        return False
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={  # noqa: S310 - checked above
+        "Authorization": "Bearer " + key, "Content-Type": "application/json", "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - http(s) only, checked above
+            answer = json.loads(resp.read(1 << 20) or b"{}")
+    except Exception as exc:  # refused, unreachable, not JSON: the next way out is tried
+        sys.stderr.write("lorabot supervisor: %s %s failed: %s\n" % (method, url.split("?")[0], exc))
+        return False
+    return isinstance(answer, dict) and answer.get("success") is not False
+
+
+def end_rental(args: argparse.Namespace) -> str:
+    """Destroy this instance with its own key; else stop it; else stop the container (storage bills)."""
+    env = container_env(args.container_environ)
+    cid, key = env.get("CONTAINER_ID", ""), env.get("CONTAINER_API_KEY", "")
+    if cid.isdigit() and key and args.vast_api_url:
+        url = "%s/api/v0/instances/%s/" % (args.vast_api_url.rstrip("/"), cid)
+        if _vast("DELETE", url, key):
+            return "destroyed through the Vast.ai API"
+        if _vast("PUT", url, key, {"state": "stopped"}):
+            return "stopped through the Vast.ai API"
+    if args.container_pid > 0 and cid:  # only inside a Vast.ai container: never some other machine's init
+        try:
+            os.kill(args.container_pid, signal.SIGTERM)
+            return "sent SIGTERM to pid %d" % args.container_pid
+        except OSError as exc:
+            return "could not end the rental: %s" % exc
+    return "could not end the rental: no instance key, and not in a Vast.ai container"
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -298,6 +402,11 @@ def main(argv: list | None = None) -> int:
     la.add_argument("--grace-term", type=float, default=15.0, help="seconds after SIGTERM before SIGKILL")
     la.add_argument("--heartbeat", type=float, default=5.0)
     la.add_argument("--launch-wait", type=float, default=10.0)
+    la.add_argument("--deadman", type=float, default=0.0, help="end the rental after S s without a bot heartbeat")
+    la.add_argument("--deadline-in", type=float, default=0.0, help="end the rental S s from now")
+    la.add_argument("--vast-api-url", default="https://console.vast.ai")
+    la.add_argument("--container-environ", default="/proc/1/environ")
+    la.add_argument("--container-pid", type=int, default=1, help="stopped when the API refuses; 0: never")
     st = sub.add_parser("status")
     st.add_argument("--job-dir", required=True)
     sp = sub.add_parser("stop")

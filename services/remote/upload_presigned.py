@@ -13,7 +13,7 @@ Python API:
 
 Command line (one JSON document on stdout):
     python3 upload_presigned.py sha256 FILE
-    python3 upload_presigned.py put FILE URL [-H 'Name: value']...
+    python3 upload_presigned.py put FILE URL [-H 'Name: value']...   # URL "-": read from stdin
     python3 upload_presigned.py multipart FILE SPEC.json     # SPEC: {"part_size": N, "part_urls": [...]}
 """
 
@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             out: dict[str, object] = {"sha256": sha256_file(args.file), "size": os.path.getsize(args.file)}
         elif args.cmd == "put":
             headers = dict(h.split(":", 1) for h in args.header)
-            etag = put_file(args.file, args.url, {k.strip(): v.strip() for k, v in headers.items()})
+            # "-": the presigned URL comes on stdin, so it never shows in argv (ps, SSH command logs)
+            url = sys.stdin.readline().strip() if args.url == "-" else args.url
+            etag = put_file(args.file, url, {k.strip(): v.strip() for k, v in headers.items()})
             out = {"etag": etag, "size": os.path.getsize(args.file)}
         else:
             with open(args.spec, encoding="utf-8") as fh:

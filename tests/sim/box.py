@@ -66,6 +66,12 @@ class SimBox:
             "remote_kill_grace_s": 1.0,
             "remote_heartbeat_s": 0.2,
             "ssh_keepalive_s": 2.0,
+            # the dead-man's switch of a simulated box never signals this machine's pid 1; its
+            # instance key comes from a file a test writes (SimWorld.expose_container_env), and a
+            # supervisor left behind by a test ends itself within a minute
+            "box_container_pid": 0,
+            "box_container_environ": str(self.root / "container.environ"),
+            "deadman_s": 60.0,
         }
 
 

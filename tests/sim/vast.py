@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -61,6 +63,8 @@ class Quirks:
     list_lag_s: float = 0.0  # a new instance shows in the v1 list only this long after its create
     list_deleted_keys: bool = True  # soft-deleted SSH keys stay listed with deleted_at set
     attach_fails: bool = False  # POST /instances/{id}/ssh/ answers 200 success:false (e.g. a team key)
+    # whether an instance's own CONTAINER_API_KEY may destroy it (else only stop it; see README)
+    instance_key_destroys: bool = True
 
     @classmethod
     def all_on(cls) -> Quirks:
@@ -94,6 +98,12 @@ class _Inst:
     stopped: bool = False  # PUT {"state": "stopped"}: GPU released, storage still bills
     listed_at: float = 0.0  # monotonic time from which it appears in the v1 list
     ssh_keys: list[str] = field(default_factory=list)
+    # the instance-scoped key Vast.ai puts in the container as CONTAINER_API_KEY (and answers the
+    # create with as instance_api_key): it may manage this one instance and nothing else
+    api_key: str = field(default_factory=lambda: secrets.token_hex(16))
+
+
+_INSTANCE_PATH = re.compile(r"^/api/v0/instances/(\d+)/$")
 
 
 def make_offers(n: int = 24, seed: int = 7) -> list[dict[str, Any]]:
@@ -227,7 +237,7 @@ class VastEmulator:
     def live_instances(self) -> list[dict[str, Any]]:
         with self._lock:
             return [
-                {"id": i.id, "label": i.label, "machine_id": i.machine_id, "fault": i.fault}
+                {"id": i.id, "label": i.label, "machine_id": i.machine_id, "fault": i.fault, "stopped": i.stopped}
                 for i in self._instances.values()
                 if not i.destroyed
             ]
@@ -258,6 +268,17 @@ class VastEmulator:
         """The host reclaims the instance without being asked (it stops billing too)."""
         with self._lock:
             self._instances[instance_id].destroyed = True
+
+    def container_env(self, instance_id: int) -> dict[str, str]:
+        """What Vast.ai sets inside the instance's container (PID 1's environment)."""
+        with self._lock:
+            inst = self._instances[instance_id]
+            return {"CONTAINER_ID": str(inst.id), "CONTAINER_API_KEY": inst.api_key}
+
+    def destroyed_by_instance_key(self, instance_id: int) -> bool:
+        """Whether the instance's own key destroyed it (the box's dead-man's switch)."""
+        return any(r["method"] == "DELETE" and r["path"] == f"/api/v0/instances/{instance_id}/"
+                   and r.get("instance_key") == instance_id and r.get("status") == 200 for r in self.requests)
 
     def rent_outside(self, label: str, offer_id: int | None = None) -> int:
         """An instance rented behind the bot's back (e.g. a process killed before it stored the id)."""
@@ -367,6 +388,23 @@ class VastEmulator:
             headers = {} if self.quirks.retry_after_s is None else {"Retry-After": str(self.quirks.retry_after_s)}
             return web.Response(status=429, text="API requests too frequent endpoint threshold=4.5",
                                 content_type="text/plain", headers=headers)
+        with self._lock:
+            holder = next((i for i in self._instances.values() if auth == f"Bearer {i.api_key}"), None)
+        if holder is not None:
+            # an instance's own key (CONTAINER_API_KEY): PUT, or DELETE where allowed, of that one
+            # instance; anything else is refused
+            m = _INSTANCE_PATH.match(request.path)
+            own = m is not None and int(m.group(1)) == holder.id and (
+                request.method == "PUT" or (request.method == "DELETE" and self.quirks.instance_key_destroys))
+            with self._lock:
+                entry = self.requests[-1]
+            if not own:
+                return self._json({"success": False, "error": "auth_error", "msg": "this key may not do that"},
+                                  status=403)
+            entry["instance_key"] = holder.id
+            response = await handler(request)
+            entry["status"] = response.status
+            return response
         if auth != f"Bearer {self.api_key}":
             status = 404 if self.quirks.auth_404 else 401
             return self._json({"success": False, "error": "auth_error", "msg": "Invalid user key"}, status=status)
@@ -555,7 +593,7 @@ class VastEmulator:
             assert request.transport is not None
             request.transport.abort()
             return web.Response(status=204)
-        answer: dict[str, Any] = {"success": True, "instance_api_key": "emulated-instance-key-XYZ"}
+        answer: dict[str, Any] = {"success": True, "instance_api_key": inst.api_key}
         if self.quirks.id_in == "new_contract":
             answer["new_contract"] = inst.id
         elif self.quirks.id_in == "instances":
@@ -623,6 +661,8 @@ class VastEmulator:
                 if len(str(body["label"])) > 1024:
                     return self._error(400, "label_too_long", "label too long")
                 inst.label = str(body["label"])
+            if body.get("state") == "stopped":
+                inst.stopped = True
         return self._json({"success": True})
 
     async def _ssh_list(self, request: web.Request) -> web.Response:

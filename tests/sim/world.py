@@ -68,6 +68,15 @@ class SimWorld:
         values.update(extra)
         return values
 
+    def expose_container_env(self, instance_id: int | None) -> None:
+        """Put an instance's CONTAINER_ID / CONTAINER_API_KEY where the box finds them (None: remove)."""
+        path = Path(self.box.settings_overrides()["box_container_environ"])
+        if instance_id is None:
+            path.unlink(missing_ok=True)
+            return
+        env = self.vast.container_env(instance_id)
+        path.write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items()))
+
     def settings(self, **extra: Any) -> Settings:
         return load_settings(**self.values(**extra))
 
