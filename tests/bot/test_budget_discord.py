@@ -61,13 +61,15 @@ async def quotes(fake: FakeDiscord, users: list[int]) -> list[Any]:
 
 
 async def confirm_all(fake: FakeDiscord, msgs: list[Any], users: list[int]) -> list[FakeInteraction]:
+    """Press every quote's Confirm at once; each quote is then edited to its outcome (queued or not)."""
     clicks = [fake.click(m.id, "lorabot:confirm", user_id=u) for m, u in zip(msgs, users, strict=True)]
-    await fake.wait_for(lambda: all(c.followup_ids for c in clicks), timeout=30)
+    await fake.wait_for(lambda: all(outcome(fake, m).startswith(("Job `", "Not started")) for m in msgs),
+                        timeout=30)
     return clicks
 
 
-def followup_text(fake: FakeDiscord, click: FakeInteraction) -> str:
-    return "\n".join(fake.messages[i].content for i in click.followup_ids)
+def outcome(fake: FakeDiscord, msg: Any) -> str:
+    return str(fake.messages[msg.id].content)
 
 
 async def test_ten_confirmed_jobs_cannot_queue_past_a_10_dollar_budget(fake: FakeDiscord, vast: VastEmulator,
@@ -79,12 +81,12 @@ async def test_ten_confirmed_jobs_cannot_queue_past_a_10_dollar_budget(fake: Fak
         jobs = [(await store.find(user_id=str(u)))[0] for u in USERS]
         cost = jobs[0].quote["cost_high"]
         assert 1.0 < cost < 5.0 and all(j.quote["cost_high"] == cost for j in jobs)
-        clicks = await confirm_all(fake, msgs, USERS)
+        await confirm_all(fake, msgs, USERS)
         states = [(await store.require(j.id)).state for j in jobs]
         fits = math.floor(10.0 / cost)
         assert states.count(JobState.QUEUED) == fits, (cost, states)
         assert states.count(JobState.QUEUED) * cost <= 10.0
-        refused = [followup_text(fake, c) for c, s in zip(clicks, states, strict=True) if s is not JobState.QUEUED]
+        refused = [outcome(fake, m) for m, s in zip(msgs, states, strict=True) if s is not JobState.QUEUED]
         assert len(refused) == len(USERS) - fits
         assert all("server's daily budget" in text for text in refused), refused
         assert all(s is JobState.CANCELLED for s in states if s is not JobState.QUEUED)
