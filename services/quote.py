@@ -206,9 +206,13 @@ def quote(
     sec_per_step: float | None = None,
     profile: SpeedProfile | None = None,
     inet_down_cost_per_gb: float = 0.0,
+    download_ratio: float | None = None,
+    warm: bool = False,
 ) -> Quote:
     """Time and cost ranges for `recipe` on an offer. `sec_per_step` (effective for this recipe, used
-    unscaled) and `profile` replace the table and settings when given."""
+    unscaled) and `profile` replace the table and settings when given. `download_ratio` is the measured
+    achieved/advertised bandwidth of this host class (services/jobs/phases.calibration); `warm` quotes
+    a machine handed over by a finished job: no rent, image pull or model download."""
     if dph_total < 0 or inet_down_mbps < 0 or dataset_bytes < 0:
         raise ValueError("dph_total, inet_down_mbps and dataset_bytes must not be negative")
     prof = profile or SpeedProfile.for_gpu(gpu_name, settings)
@@ -230,13 +234,22 @@ def quote(
     def add(name: str, low: float, high: float) -> None:
         phases.append(PhaseEstimate(name=name, low_s=round(low, 1), high_s=round(high, 1)))
 
+    if warm:
+        notes.append("warm machine: no rent, image pull or model download")
+        prof = prof.model_copy(update={"image_pull_s": 0.0, "model_bytes": 0.0})
     add("image_pull", prof.image_pull_s * 0.5, prof.image_pull_s * 2)
     up = _transfer_s(dataset_bytes, min(prof.upload_mbps, inet_down_mbps or prof.upload_mbps))
     add("dataset_upload", up, up * 2 + prof.transfer_overhead_s)
     if prof.model_bytes and inet_down_mbps <= 0:
         notes.append("unknown inet_down: model download assumed at 100 Mbit/s")
     down = _transfer_s(prof.model_bytes, inet_down_mbps if inet_down_mbps > 0 else 100.0)
-    add("model_download", down, down * 2)
+    if download_ratio is not None and download_ratio > 0:
+        # measured on this host class: a narrower range around the speed such hosts really reach
+        real = down / download_ratio
+        add("model_download", real * 0.8, real * 1.25)
+        notes.append(f"model download at the measured {download_ratio:.0%} of advertised bandwidth")
+    else:
+        add("model_download", down, down * 2)
     add("model_load", prof.model_load_s * 0.75, prof.model_load_s * 1.5)
     latents = images * sum(0.15 + 0.85 * (r / 1024) ** 2 for r in recipe.resolutions) * prof.latent_s_per_image * gf
     add("latent_caching", latents * 0.5, latents * 1.5 + prof.latent_overhead_s)

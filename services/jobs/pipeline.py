@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from services import progress as prog
+from services.jobs import phases
 from services.jobs.errors import InfraFailure, JobCancelled, JobFailure
 from services.jobs.events import (
     Cancelled,
@@ -39,6 +40,7 @@ from services.jobs.intake import offer_query
 from services.jobs.model import Job, JobState
 from services.jobs.store import JobStore
 from services.recipe import FluxRecipe, expected_outputs, render_config
+from services.remote import prefetcher
 from services.remote.driver import RemoteJob, RemoteStatus
 from services.settings import Settings, redact
 from services.ssh import (
@@ -106,6 +108,8 @@ class Pipeline:
         self._seen_samples: set[str] = set()
         self._last_download_note = 0.0
         self._work = Path(self.s.work_dir) / job_id
+        self._downloads: dict[str, int] = {}
+        self._phase_timer = phases.PhaseTimer()  # the trainer's phases as the monitor sees them (issue 18)
 
     # --- plumbing -----------------------------------------------------------------------------
     async def _emit(self, job: Job, event: JobEvent) -> None:
@@ -202,6 +206,7 @@ class Pipeline:
             if credit < need:
                 raise InsufficientCredit(f"Vast.ai credit ${credit:.2f} is below the ${need:.2f} this job may cost")
             await self.d.vast.ensure_ssh_key(pub)
+            created = time.time()
             result = await rent(self.d.vast, label=job.label, image=self.s.image, disk_gb=self.s.disk_gb,
                                 offers=offers, attempts=self.s.rent_attempts)
         except (NoOffers, InsufficientCredit, VastAuthError) as exc:
@@ -213,7 +218,7 @@ class Pipeline:
             job.id, instance_id=result.instance_id, offer_id=result.offer_id or job.offer_id,
             machine_id=result.machine_id, dph_total=result.dph_total or None,
             gpu_name=result.gpu_name or self.s.gpu_name, rented_at=job.rented_at or time.time(),
-            instance_gone_at=None,
+            instance_gone_at=None, measured=_rent_marks(job.measured, created, result.offer_id, offers),
         )
         try:
             inst = await self.d.vast.show_instance(result.instance_id)
@@ -246,9 +251,15 @@ class Pipeline:
                 raise InfraFailure("instance_gone", f"instance {instance_id} disappeared while starting")
             if inst.status.failed:
                 raise InfraFailure("instance_failed", f"instance {instance_id} is {inst.status}: {inst.status_msg}")
+            if inst.status == InstanceStatus.RUNNING and "running" not in (job.measured.get("marks") or {}):
+                await _mark_running()
             if inst.status == InstanceStatus.RUNNING and inst.endpoints():
                 return [Endpoint(e.host, e.port, self.s.ssh_user, e.kind) for e in inst.endpoints()]
             return None
+
+        async def _mark_running() -> None:
+            nonlocal job
+            job = await self.d.store.update(job.id, measured=phases.mark(job.measured, "running", keep=True))
 
         async def on_stage(stage: str, detail: str) -> None:
             await self._emit(job, Readiness(stage, detail))
@@ -265,7 +276,7 @@ class Pipeline:
             raise InfraFailure("not_ready", f"the machine never became usable: {exc}") from None
         ep = ready.endpoint
         job = await self._to(job, S.UPLOADING, f"ready at {ep}", ssh_host=ep.host, ssh_port=ep.port,
-                             ssh_kind=ep.kind, host_key=ready.host_key)
+                             ssh_kind=ep.kind, host_key=ready.host_key, measured=_ready_phases(job.measured))
         await self._emit(job, Readiness("ready", str(ep)))
         return job
 
@@ -381,8 +392,10 @@ class Pipeline:
         t0 = time.monotonic()
 
         async def ship(remote: RemoteJob) -> None:
+            await self._start_prefetch(job, remote)  # the model downloads while the dataset goes up
             await remote.box.upload_dataset(folder, manifest, dataset_dir)
             env = {"HF_TOKEN": self.s.hf_token.get_secret_value()} if self.s.hf_token else {}
+            env.update(prefetcher.trainer_env(self.s))
             await remote.install(config_text, env)
             await remote.box.put_file(UPLOADER, f"{root}/upload_presigned.py", 0o755)
             await self._restore_checkpoint(job, remote, output)
@@ -392,7 +405,11 @@ class Pipeline:
                 await self._remote_call(job, "upload", ship)
         except SSHError as exc:  # a checksum mismatch after retries: the link corrupts data
             raise InfraFailure("upload", f"dataset upload failed: {exc}") from None
-        measured = dict(job.measured, upload_s=round(time.monotonic() - t0, 3))
+        upload_s = round(time.monotonic() - t0, 3)
+        job = await self.d.store.update(job.id, measured=phases.add(dict(job.measured, upload_s=upload_s),
+                                                                    "dataset_upload", upload_s))
+        job = await self._await_prefetch(job)
+        measured = job.measured
         await self._emit(job, Readiness("uploaded", f"{mb:.1f} MB verified on the box"))
         if not job.train:
             return await self._to(job, S.PREPARED, "shipped; not training (launch)", remote_dir=root,
@@ -400,6 +417,52 @@ class Pipeline:
         job = await self._to(job, S.TRAINING, "launching the trainer", remote_dir=root, measured=measured,
                              log_offset=0)
         return job
+
+    async def _start_prefetch(self, job: Job, remote: RemoteJob) -> None:
+        """Issue 18: fetch the base model into the box's HF cache now; a failure only costs the overlap."""
+        repo = prefetcher.repo_of(FluxRecipe.model_validate(job.recipe))
+        if not (self.s.prefetch_model and job.train and repo):
+            return
+        try:
+            await prefetcher.start(remote.box, self._remote_dir(job), self.s, repo)
+            await self._emit(job, Readiness("prefetching", f"{repo} into the box's model cache"))
+        except (SSHError, OSError) as exc:
+            log.warning("job %s: model prefetch not started (%s); the trainer downloads it", job.id, exc)
+
+    async def _await_prefetch(self, job: Job) -> Job:
+        """The trainer starts on a warm cache: wait while the prefetch makes progress (a stalled or
+        failed one lets the trainer download the rest itself), then record what it fetched."""
+        if "prefetch" in job.measured or not (self.s.prefetch_model and job.train):
+            return job
+        last_progress, last_bytes, last_note = time.monotonic(), -1, 0.0
+        while True:
+            await self._check_cancel()
+            try:
+                doc = await self._remote_call(job, "prefetch status",
+                                              lambda r: prefetcher.status(r.box, self._remote_dir(job), self.s))
+            except (SSHError, JobFailure) as exc:
+                log.info("job %s: no prefetch status: %s", job.id, exc)
+                return job
+            if doc.get("state") != "running":
+                break
+            done_bytes = int(doc.get("bytes_done") or 0)
+            now = time.monotonic()
+            if done_bytes != last_bytes:
+                last_bytes, last_progress = done_bytes, now
+            elif now - last_progress > self.s.stall_timeout_s:
+                log.warning("job %s: the model prefetch stalled; the trainer takes over", job.id)
+                break
+            if now - last_note >= 5.0 and doc.get("bytes_total"):
+                last_note = now
+                await self._emit(job, Readiness("downloading", f"{done_bytes / 1e9:.1f}/"
+                                                               f"{int(doc['bytes_total']) / 1e9:.1f} GB"))
+            await self._sleep(min(1.0, self.s.monitor_interval_s))
+        measured = dict(job.measured, prefetch=doc.get("state"))
+        fetched = prefetcher.measured_from(doc)
+        if fetched is not None and fetched[1] > 0:  # a warm cache fetched nothing: no download phase
+            measured = phases.add(measured, "model_download", fetched[0])
+            measured["prefetch_bytes"] = fetched[1]
+        return await self.d.store.update(job.id, measured=measured)
 
     async def _restore_checkpoint(self, job: Job, remote: RemoteJob, output: str) -> None:
         """On a retry, put the last backed-up checkpoint where ai-toolkit resumes from it."""
@@ -468,7 +531,7 @@ class Pipeline:
                 await self._emit(job, CostUpdate(job.cost_so_far(), job.dph_total or 0.0))
             await self._limits(job, started, now - last_output)
             await self._sleep(self.s.monitor_interval_s)
-        measured = dict(job.measured, train_s=round(time.monotonic() - t0, 3))
+        measured = dict(self._phase_switch(job, None), train_s=round(time.monotonic() - t0, 3))
         if status.started_at and status.finished_at:  # the trainer's own run time, by the box's clock
             measured["trainer_s"] = round(status.finished_at - status.started_at, 3)
         if job.sec_per_step:
@@ -497,17 +560,28 @@ class Pipeline:
         if job.cost_so_far() > self.s.max_job_cost:
             await stop_and_fail("max_cost", f"cost passed the ${self.s.max_job_cost:.2f} cap: stopped")
 
+    def _phase_switch(self, job: Job, progress_phase: str | None) -> dict[str, Any]:
+        ended = self._phase_timer.switch(progress_phase)
+        return phases.add(job.measured, *ended) if ended else dict(job.measured)
+
     async def _handle(self, job: Job, events: list[prog.ProgressEvent]) -> Job:
         last_step: prog.Step | None = None
         for ev in events:
             if isinstance(ev, prog.Step):
+                if last_step is None and "first_step" not in (job.measured.get("marks") or {}):
+                    job = await self.d.store.update(job.id, measured=phases.mark(job.measured, "first_step"))
                 last_step = ev
                 if ev.loss is not None:
                     self._loss_curve.append((ev.step, ev.loss))
             elif isinstance(ev, prog.PhaseChanged):
-                job = await self.d.store.update(job.id, phase=ev.phase.value)
+                job = await self.d.store.update(job.id, phase=ev.phase.value,
+                                                measured=self._phase_switch(job, ev.phase.value))
                 await self._emit(job, Readiness(ev.phase.value, ev.detail))
             elif isinstance(ev, prog.DownloadProgress):
+                if ev.bytes_total > self._downloads.get(ev.file, 0):  # bars per file: count each once
+                    self._downloads[ev.file] = ev.bytes_total
+                    job = await self.d.store.update(job.id, measured=dict(
+                        job.measured, trainer_download_bytes=sum(self._downloads.values())))
                 # download bars redraw ~10 times a second: pass one on every few seconds
                 if time.monotonic() - self._last_download_note >= 5.0:
                     self._last_download_note = time.monotonic()
@@ -628,7 +702,8 @@ class Pipeline:
         except (StorageError, SSHError, OSError) as exc:
             raise InfraFailure("collect", f"could not store the results: {exc}") from None
         expires = link.expires_at.timestamp() if link.expires_at else None
-        measured = dict(job.measured, collect_s=round(time.monotonic() - t0, 3), stored_at=time.time())
+        collect_s = round(time.monotonic() - t0, 3)
+        measured = phases.add(dict(job.measured, collect_s=collect_s, stored_at=time.time()), "collection", collect_s)
         job = await self.d.store.update(job.id, lora_key=keys.lora, lora_url=link.url, link_expires_at=expires,
                                         artifacts={**job.artifacts, "lora": keys.lora, "log": keys.log,
                                                    "config": keys.config}, measured=measured)
@@ -637,6 +712,7 @@ class Pipeline:
             "job_id": job.id, "name": job.name, "trigger_word": job.trigger_word, "steps": job.total_steps,
             "final_loss": job.loss, "cost_usd": job.cost_so_far(), "gpu": job.gpu_name, "dph_total": job.dph_total,
             "lora_key": keys.lora, "measured": job.measured, "quote": job.quote,
+            "breakdown": phases.summary(job),
         }
         try:
             await storage.upload_bytes(json.dumps(summary, indent=2).encode(), keys.job)
@@ -666,6 +742,7 @@ class Pipeline:
         if job.instance_id is None or job.instance_gone_at is not None:
             return job
         last: Exception | None = None
+        t0 = time.monotonic()
         for attempt in range(5):
             try:
                 await self.d.vast.destroy_instance(job.instance_id)
@@ -678,8 +755,9 @@ class Pipeline:
         now = time.time()
         cost = job.cost_so_far(now)
         billed = job.rental_seconds(now)
+        measured = phases.add(job.measured, "teardown", time.monotonic() - t0)
         return await self.d.store.update(job.id, instance_gone_at=now, cost_usd=cost, billed_s=billed,
-                                         rented_at=None)
+                                         rented_at=None, measured=measured)
 
     async def _safe_destroy(self, job: Job) -> tuple[Job, str]:
         try:
@@ -757,3 +835,29 @@ class Pipeline:
         )
         self._parser = None
         return await self.run()
+
+
+# --- phase marks (issue 18) -------------------------------------------------------------------
+def _rent_marks(measured: dict[str, Any], created: float, offer_id: int | None, offers: list[Any]) -> dict[str, Any]:
+    """The create request's time and the rented offer's advertised bandwidth (for the quote's feedback)."""
+    out = phases.mark(measured, "created", created)
+    marks = dict(out.get("marks") or {})
+    marks.pop("running", None)  # a retry's new machine boots anew
+    out["marks"] = marks
+    offer = next((o for o in offers if o.id == offer_id), None)
+    if offer is not None:
+        out["inet_down"] = offer.inet_down
+    return out
+
+
+def _ready_phases(measured: dict[str, Any]) -> dict[str, Any]:
+    """Close create -> running and running -> SSH at the moment SSH became usable."""
+    now = time.time()
+    marks = measured.get("marks") or {}
+    created, running = marks.get("created"), marks.get("running")
+    out = dict(measured)
+    if created is not None and running is not None:
+        out = phases.add(out, "create_to_running", float(running) - float(created))
+    if running is not None:
+        out = phases.add(out, "running_to_ssh", now - float(running))
+    return phases.mark(out, "ssh", now)

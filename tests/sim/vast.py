@@ -16,6 +16,7 @@ import itertools
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -41,6 +42,10 @@ class Quirks:
     list_lag: int = 0  # a new instance shows in the v1 list only after this many list calls
     page_size: int = 25  # v1 list page size (the server's max is 25)
     loading_s: float = 0.3  # created -> loading -> running
+    # issue 18: the image pull takes image_gb / the offer's inet_down, times time_factor (a compressed
+    # clock), when that is longer than loading_s
+    image_gb: float = 0.0
+    time_factor: float = 1.0
     non_json_errors: bool = False  # error bodies in plain text
 
     @classmethod
@@ -168,6 +173,8 @@ class VastEmulator:
         self._n_requests = 0
         self._n_lists = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        # called with the offer of every new rental (the simulator gives the box a fresh machine's state)
+        self.on_create: Callable[[dict[str, Any]], None] | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._ready = threading.Event()
@@ -301,9 +308,17 @@ class VastEmulator:
         if inst.fault in ("exited", "offline"):
             return inst.fault
         age = time.monotonic() - inst.created
-        if inst.fault == "never_ready" or age < self.quirks.loading_s / 2:
+        loading_s = max(self.quirks.loading_s, self.pull_s(inst.offer))
+        if inst.fault == "never_ready" or age < loading_s / 2:
             return "loading" if age > 0.05 else "created"
-        return "running" if age >= self.quirks.loading_s else "loading"
+        return "running" if age >= loading_s else "loading"
+
+    def pull_s(self, offer: dict[str, Any]) -> float:
+        """Seconds (compressed) the image pull takes on this offer's bandwidth."""
+        inet = float(offer.get("inet_down") or 0.0)
+        if not self.quirks.image_gb or inet <= 0:
+            return 0.0
+        return self.quirks.image_gb * 8e9 / (inet * 1e6) * self.quirks.time_factor
 
     def _instance_json(self, inst: _Inst) -> dict[str, Any]:
         status = self._status_of(inst)
@@ -328,6 +343,8 @@ class VastEmulator:
             "direct_port_start": -1,
             "direct_port_end": -1,
             "geolocation": inst.offer["geolocation"],
+            "inet_down": inst.offer.get("inet_down"),
+            "inet_up": inst.offer.get("inet_up"),
         }
         if self.quirks.status_field == "actual_status":
             d["actual_status"] = None if status == "created" else status
@@ -357,6 +374,8 @@ class VastEmulator:
             ssh_keys=[k["public_key"] for k in self.account_keys],
         )
         self._instances[inst.id] = inst
+        if self.on_create is not None:
+            self.on_create(offer)
         return inst
 
     # --- handlers -----------------------------------------------------------------------------

@@ -210,6 +210,24 @@ def hang() -> None:
         time.sleep(3600)
 
 
+def load_model(model_path: str) -> None:
+    """What diffusers' from_pretrained costs on the box (issue 18): files missing from the HF cache are
+    downloaded (the stand-in hub next to this script times them by the box's bandwidth; a prefetch
+    under way holds the file locks, so this waits for it), then load + quantize take `load_s`."""
+    if os.path.isdir(model_path):
+        return
+    import huggingface_hub as hub  # the stand-in next to this script, as ai-toolkit's own env provides it
+
+    subfolders = ("transformer/", "scheduler/", "vae/", "tokenizer/", "tokenizer_2/", "text_encoder/",
+                  "text_encoder_2/")
+    for name, _size in hub.FLUX_FILES if model_path.startswith("black-forest-labs/FLUX.1") else ():
+        if name.startswith(subfolders) and not hub.try_to_load_from_cache(model_path, name):
+            hub.hf_hub_download(model_path, name, progress=True)
+    load_s = float(hub.knobs().get("load_s") or 0.0)
+    if load_s:
+        time.sleep(load_s)
+
+
 def list_images(folder: str) -> list:
     found = []
     for root, dirs, files in os.walk(folder):
@@ -302,6 +320,7 @@ def run_job(config: dict) -> None:
             "which 98.81 MiB is free. Process 4242 has 12.97 GiB memory in use.",
             "torch.OutOfMemoryError",
         )
+    load_model(model_path)
     sleep = min(0.05, SEC_PER_STEP)
     for line in ("Quantizing transformer", "Loading VAE", "Loading T5", "Quantizing T5", "Loading CLIP",
                  "Making pipe", "Preparing Model"):
