@@ -12,13 +12,15 @@ import pytest
 from bot.embeds import finished_embed
 from services.jobs import JobState, phases
 from services.jobs.events import Finished, Readiness
+from services.jobs.intake import draft
 from services.jobs.model import Job
 from services.quote import quote
 from services.recipe import FluxRecipe
 from services.remote import prefetch
 from services.settings import load_settings
 from services.storage import Storage, job_keys
-from tests.services.jobs.conftest import Recorder
+from services.vastai import VastClient
+from tests.services.jobs.conftest import Recorder, dataset_zip
 from tests.services.jobs.test_pipeline import Harness
 from tests.sim.trainer.huggingface_hub import FLUX_FILES
 from tests.sim.world import SimWorld
@@ -134,6 +136,13 @@ async def test_every_phase_is_measured_in_store_job_json_and_final_message(costl
     field = next(f for f in embed.fields if f.name == "time per phase")
     assert "boot" in str(field.value) and "outside training" in str(field.value)
     assert "prefetching" in [e.step for e in h.recorder.of(Readiness)]  # type: ignore[attr-defined]
+    # what it measured feeds the next quote: the simulator's s/step and this host class's download speed
+    async with VastClient.from_settings(h.settings) as vast:
+        d = await draft(h.store, h.settings, source=dataset_zip(), user_id="u1", name="again", trigger="sks",
+                        overrides={"steps": 12}, vast=vast)
+    assert d.quote is not None
+    assert d.quote.sec_per_step < 0.5 * FluxRecipe.model_validate(job.recipe).batch_size  # was 1.6 x scale
+    assert any("measured" in n for n in d.quote.notes), d.quote.notes
 
 
 async def test_the_first_step_waits_for_upload_or_download_not_both(costly: Harness) -> None:
