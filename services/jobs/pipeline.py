@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from services import progress as prog
-from services.jobs import phases
+from services.jobs import handover, phases
 from services.jobs.errors import InfraFailure, JobCancelled, JobFailure
 from services.jobs.events import (
     Cancelled,
@@ -76,6 +76,8 @@ class Deps:
     # bounds the CPU-heavy start of jobs (SSH handshakes, streaming the dataset) so that many jobs
     # starting at once do not stall the event loop for the ones already running
     startups: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
+    # hands a finished job's machine to a queued job (issue 18); None: every machine is destroyed
+    warm: handover.WarmPool | None = None
 
 
 def job_name(job: Job) -> str:
@@ -149,6 +151,8 @@ class Pipeline:
     async def run(self) -> Job:
         job = await self.d.store.require(self.job_id)
         try:
+            if not job.state.terminal and (job.measured.get("handover") or {}).get("step") not in (None, "done"):
+                return await self._resume_handover(job)
             while not job.state.terminal:
                 await self._check_cancel(job)
                 if job.state in (S.QUEUED, S.RENTING):
@@ -707,7 +711,12 @@ class Pipeline:
         job = await self.d.store.update(job.id, lora_key=keys.lora, lora_url=link.url, link_expires_at=expires,
                                         artifacts={**job.artifacts, "lora": keys.lora, "log": keys.log,
                                                    "config": keys.config}, measured=measured)
-        job = await self._destroy(job)
+        early = self.d.warm is not None and handover.may_hand_over(self.s, job)
+        if early:  # the link does not wait for the machine's next job
+            duration = time.time() - (job.started_at or job.created_at)
+            await self._emit(job, Finished(link.url, expires, duration, job.cost_so_far(), job.loss,
+                                           list(self._loss_curve), links))
+        job, _successor = await handover.release(self, job)
         summary = {
             "job_id": job.id, "name": job.name, "trigger_word": job.trigger_word, "steps": job.total_steps,
             "final_loss": job.loss, "cost_usd": job.cost_so_far(), "gpu": job.gpu_name, "dph_total": job.dph_total,
@@ -720,9 +729,19 @@ class Pipeline:
             log.warning("job.json not stored: %s", exc)
         job = await self._to(job, S.SUCCEEDED, "LoRA stored", cost_usd=job.cost_so_far())
         duration = (job.finished_at or time.time()) - (job.started_at or job.created_at)
-        await self._emit(job, Finished(link.url, expires, duration, job.cost_so_far(), job.loss,
-                                       list(self._loss_curve), links))
+        if not early:
+            await self._emit(job, Finished(link.url, expires, duration, job.cost_so_far(), job.loss,
+                                           list(self._loss_curve), links))
         return job
+
+    async def _resume_handover(self, job: Job) -> Job:
+        """A restart in the middle of a handover (issue 18): settle the machine, then end the job."""
+        job = await handover.recover(self, job)
+        if job.lora_url:
+            return await self._to(job, S.SUCCEEDED, "LoRA stored (machine settled after a restart)",
+                                  cost_usd=job.cost_so_far())
+        return await self._to(job, S.FAILED, job.reason or "ended during a machine handover",
+                              failure_kind=job.failure_kind or "internal", cost_usd=job.cost_so_far())
 
     # --- endings ------------------------------------------------------------------------------
     async def _destroy(self, job: Job) -> Job:
@@ -765,6 +784,15 @@ class Pipeline:
         except (JobFailure, VastError) as exc:
             log.error("job %s: %s", job.id, exc)
             return job, f"; WARNING: instance {job.instance_id} not destroyed yet, the reaper will retry"
+
+    async def _release(self, job: Job, exc: JobFailure) -> tuple[Job, str]:
+        try:
+            job = await self.d.store.update(job.id, reason=exc.message, failure_kind=exc.kind)
+            job, _ = await handover.release(self, job)
+            return job, ""
+        except (JobFailure, VastError, SSHError) as err:
+            log.error("job %s: %s", job.id, err)
+            return await self._safe_destroy(await self.d.store.require(job.id))
 
     async def _finish_cancelled(self, by: str) -> Job:
         job = await self.d.store.require(self.job_id)
@@ -810,7 +838,10 @@ class Pipeline:
             return job
         if exc.retryable and job.attempt < 2 and not self.cancel_event.is_set() and job.state.holds_instance:
             return await self._retry(job, exc)
-        job, warn = await self._safe_destroy(job)
+        if exc.kind in handover.MACHINE_NEUTRAL_FAILURES and not isinstance(exc, InfraFailure):
+            job, warn = await self._release(job, exc)  # the machine is fine: the next job may take it
+        else:
+            job, warn = await self._safe_destroy(job)
         reason = exc.message + warn
         job = await self._to(job, S.FAILED, reason, failure_kind=exc.kind, cost_usd=job.cost_so_far())
         await self._emit(job, Failed(reason, exc.kind, exc.last_lines, job.cost_so_far()))

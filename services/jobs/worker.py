@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 
 from services.jobs.errors import JobRefused
 from services.jobs.events import Cancelled, Notifier, Queued
+from services.jobs.handover import WarmPool
 from services.jobs.model import Job, JobState
 from services.jobs.pipeline import Deps, Pipeline, job_id_from_label
 from services.jobs.store import JobStore
@@ -79,6 +80,7 @@ class Worker:
         self._startups = asyncio.Semaphore(settings.max_concurrent_startups)
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
+        self._warm = WarmPool(self._take_queued, self._launch_warm, settings, store)  # issue 18
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self, *, recover: bool = True) -> None:
@@ -118,7 +120,26 @@ class Worker:
     def deps(self) -> Deps:
         if self.vast is None:
             raise RuntimeError("the worker is not started")
-        return Deps(self.settings, self.store, self.vast, self._storage, self.notifier, self._startups)
+        return Deps(self.settings, self.store, self.vast, self._storage, self.notifier, self._startups,
+                    warm=self._warm if self.settings.warm_reuse else None)
+
+    # --- warm handover (issue 18) ---------------------------------------------------------------
+    async def _take_queued(self, fits: Callable[[Job], bool]) -> Job | None:
+        """The first queued job that fits a warm machine, taken off the queue and leased to us."""
+        for job_id in list(self._pending):
+            job = await self.store.get(job_id)
+            if job is None or job_id not in self._pending or not fits(job):
+                continue
+            if not await self.store.claim(job_id, self.owner, self.settings.lease_s):
+                continue
+            self._dequeue(job_id)
+            return job
+        return None
+
+    def _launch_warm(self, job: Job) -> None:
+        if job.id not in self._running:
+            self._launch(job)
+        self._wake.set()
 
     # --- queue --------------------------------------------------------------------------------
     async def check_budget(self, job: Job) -> None:
@@ -198,6 +219,8 @@ class Worker:
             if len(self._running) >= limit:
                 return
             job = await self.store.get(job_id)
+            if job_id not in self._pending:
+                continue  # taken for a warm machine meanwhile
             if job is None or job.state != S.QUEUED:
                 self._dequeue(job_id)
                 continue
@@ -363,7 +386,12 @@ class Worker:
 async def find_orphans(store: JobStore, settings: Settings, vast: VastClient) -> list[Instance]:
     """An instance is ours when its label has our prefix; an orphan when no live job claims it."""
     orphans = []
+    # a machine being handed over carries the next job's label before that job records it (issue 18)
+    moving = {(j.instance_id, (j.measured.get("handover") or {}).get("label")) for j in await store.live()
+              if j.state.holds_instance and (j.measured.get("handover") or {}).get("label")}
     for inst in await vast.list_instances():
+        if (inst.id, inst.label) in moving:
+            continue
         job_id = job_id_from_label(settings, inst.label)
         if job_id is None:
             continue  # not lorabot's: never touched

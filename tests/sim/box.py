@@ -79,8 +79,8 @@ class SimBox:
             path.write_text(json.dumps(knobs))
 
     def downloads(self) -> list[str]:
-        """Files the hub really downloaded into this box's cache (a warm cache adds none)."""
-        log = self.hf_home / "hub" / "sim_downloads.log"
+        """Files the hub really downloaded, on every machine so far (a warm cache adds none)."""
+        log = self.aitoolkit_dir / "sim_downloads.log"
         return log.read_text().split("\n")[:-1] if log.exists() else []
 
     def settings_overrides(self) -> dict[str, Any]:

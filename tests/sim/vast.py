@@ -46,6 +46,7 @@ class Quirks:
     # clock), when that is longer than loading_s
     image_gb: float = 0.0
     time_factor: float = 1.0
+    label_fails: int = 0  # the next N label changes answer 500 (the API's "manage" endpoint erring)
     non_json_errors: bool = False  # error bodies in plain text
 
     @classmethod
@@ -476,6 +477,9 @@ class VastEmulator:
             if "label" in body:
                 if len(str(body["label"])) > 1024:
                     return self._error(400, "label_too_long", "label too long")
+                if self.quirks.label_fails > 0:
+                    self.quirks = replace(self.quirks, label_fails=self.quirks.label_fails - 1)
+                    return self._error(500, "server_error", "Internal server error")
                 inst.label = str(body["label"])
         return self._json({"success": True})
 

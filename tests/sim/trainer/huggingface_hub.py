@@ -6,7 +6,8 @@ per-file locks (a second downloader waits for the first), and the real costs on 
 The FLUX.1 repos list the real files and sizes; downloading one takes size / the box's inet_down,
 times the time factor (`sim_net.json` next to this file: {"inet_down_mbps", "time_factor", "load_s",
 "fail_prefetch"}), and writes a small placeholder. Every real download is appended to
-`$HF_HOME/hub/sim_downloads.log` so tests can tell a cold cache from a warm one.
+`sim_downloads.log` next to this file (it outlives the cache of a machine) so tests can tell a
+cold cache from a warm one.
 """
 
 # ruff: noqa: UP031
@@ -152,6 +153,6 @@ def hf_hub_download(repo_id: str, filename: str, token: Any = None, progress: bo
         with open(path + ".incomplete", "w") as fh:
             fh.write("sim placeholder of %d bytes\n" % size)
         os.replace(path + ".incomplete", path)
-        with open(os.path.join(_hub_dir(), "sim_downloads.log"), "a") as fh:
+        with open(os.path.join(HERE, "sim_downloads.log"), "a") as fh:
             fh.write("%s %s %d\n" % (repo_id, filename, size))
         return path
