@@ -73,7 +73,7 @@ async def test_a_queued_job_gets_the_warm_machine(world: SimWorld, recorder: Rec
     assert a.cost_usd > 0 and b.cost_usd > 0
     assert b.billed_s == pytest.approx(b.instance_gone_at - a.instance_gone_at, abs=0.01)  # type: ignore[operator]
     # b's own idle wait (nobody queued behind it) is b's
-    assert b.instance_gone_at - b.measured["stored_at"] >= WARM["warm_idle_s"]  # type: ignore[operator]
+    assert b.instance_gone_at - b.measured["stored_at"] >= WARM["warm_idle_s"]
     # a's data is gone from the machine: its folder and every trace of its captions
     assert not (world.box.remote_root / "jobs" / a.id).exists()
     blob = b"".join(p.read_bytes() for p in world.box.remote_root.rglob("*") if p.is_file())
@@ -109,7 +109,7 @@ async def test_a_failed_handover_destroys_the_machine_and_the_next_job_rents_afr
         a_id = await submit(h, "u1", SECRET_CAPTION)
         if step == "wipe":
             procs.append(_leftover_process(world.box.remote_root / "jobs" / a_id))
-        b_fields = {"dataset_bytes": 10**15} if step == "disk" else {}
+        b_fields: dict[str, Any] = {"dataset_bytes": 10**15} if step == "disk" else {}
         b_id = await submit(h, "u2", **b_fields)
         a = await h.worker.wait(a_id, timeout=120)
         if step == "relabel":
@@ -135,7 +135,7 @@ async def test_no_queued_job_within_the_idle_limit_destroys_the_machine(world: S
         await quote_only(h, "u9")  # someone looks at a quote: the machine waits, but only warm_idle_s
         a = await h.worker.wait(await submit(h, "u1"), timeout=120)
         assert a.state == JobState.SUCCEEDED and world.vast.live_instances() == []
-        idle = a.instance_gone_at - a.measured["stored_at"]  # type: ignore[operator]
+        idle = a.instance_gone_at - a.measured["stored_at"]
         assert 0.5 <= idle < 3.0
         b = await h.worker.wait(await submit(h, "u2"), timeout=120)
     assert b.state == JobState.SUCCEEDED and b.instance_id != a.instance_id and rentals(world) == 2
@@ -152,7 +152,7 @@ async def test_a_machine_serves_at_most_warm_max_jobs(world: SimWorld, recorder:
 async def test_with_nothing_queued_the_machine_is_destroyed_at_once(world: SimWorld, recorder: Recorder) -> None:
     async with Harness(world, recorder, **{**WARM, "warm_idle_s": 60.0}) as h:
         a = await h.worker.wait(await submit(h, "u1"), timeout=120)
-    assert a.state == JobState.SUCCEEDED and a.instance_gone_at - a.measured["stored_at"] < 2.0  # type: ignore[operator]
+    assert a.state == JobState.SUCCEEDED and a.instance_gone_at - a.measured["stored_at"] < 2.0
 
 
 async def test_warm_reuse_off_destroys_every_machine(world: SimWorld, recorder: Recorder) -> None:

@@ -76,7 +76,7 @@ def _files(repo_id: str) -> tuple:
 
 
 class _Sibling:
-    def __init__(self, rfilename: str, size: int) -> None:
+    def __init__(self, rfilename: str, size: int | None) -> None:
         self.rfilename, self.size = rfilename, size
 
 
