@@ -61,13 +61,14 @@ class SimBox:
         return self.root / "hf"
 
     def set_network(self, *, inet_down_mbps: float = 0.0, time_factor: float = 1.0, load_s: float = 0.0,
-                    fail_prefetch: bool = False) -> None:
+                    cold_read_s: float = 0.0, fail_prefetch: bool = False) -> None:
         """The box's real costs on a compressed clock (issue 18): model files take size / inet_down x
-        time_factor to download, load + quantize `load_s`; `fail_prefetch` makes the hub unreachable
-        for the prefetch (the trainer still gets its files)."""
+        time_factor to download, load + quantize `load_s` (+ `cold_read_s` on a machine's first load,
+        before the weights are in its page cache); `fail_prefetch` makes the hub unreachable for the
+        prefetch (the trainer still gets its files)."""
         (self.aitoolkit_dir / "sim_net.json").write_text(json.dumps(
             {"inet_down_mbps": inet_down_mbps, "time_factor": time_factor, "load_s": load_s,
-             "fail_prefetch": fail_prefetch}))
+             "cold_read_s": cold_read_s, "fail_prefetch": fail_prefetch}))
 
     def fresh_machine(self, inet_down_mbps: float | None = None) -> None:
         """A newly rented machine: an empty HF cache, at this offer's bandwidth."""
