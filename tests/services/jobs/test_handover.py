@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from services.jobs import JobState
+from services.jobs import JobState, JobStore
 from services.jobs.intake import draft
 from services.jobs.model import Job
+from services.jobs.worker import find_orphans
 from services.vastai import VastClient
 from tests.services.jobs.conftest import Recorder, dataset_zip
 from tests.services.jobs.test_pipeline import Harness
@@ -179,3 +180,23 @@ async def test_a_restart_during_the_handover_destroys_the_machine(world: SimWorl
         a = await h2.worker.wait(a_id, timeout=60)
     assert a.state == JobState.SUCCEEDED and a.instance_gone_at is not None and a.lora_url
     assert world.vast.live_instances() == []
+
+
+async def test_the_reaper_spares_a_machine_whose_label_moved_mid_handover(world: SimWorld) -> None:
+    settings = world.settings()
+    prefix = settings.label_prefix
+    async with JobStore(settings.db_path) as store:
+        holder = await store.create(Job(user_id="u"))
+        await store.transition(holder.id, JobState.QUEUED, "x")
+        nxt = await store.create(Job(user_id="v"))
+        await store.transition(nxt.id, JobState.QUEUED, "x")
+        # the machine already carries the next job's label; the next job has not recorded it yet
+        inst = world.vast.rent_outside(f"{prefix}{nxt.id}")
+        await store.transition(holder.id, JobState.RENTING, "x", label=f"{prefix}{holder.id}", instance_id=inst)
+        async with VastClient.from_settings(settings) as vast:
+            assert [i.id for i in await find_orphans(store, settings, vast)] == [inst]  # no intent: an orphan
+            await store.update(holder.id, measured={"handover": {"to": nxt.id, "label": f"{prefix}{nxt.id}",
+                                                                 "step": "relabel"}})
+            assert await find_orphans(store, settings, vast) == []
+        async with VastClient.from_settings(settings) as vast:
+            await vast.destroy_instance(inst)
