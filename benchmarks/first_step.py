@@ -1,7 +1,7 @@
 """Time to first training step and billed overhead (issue 18), for a queue of jobs on the simulator.
 
-The simulator models a real job's start-up costs on a compressed clock (--time-factor, default 0.02:
-50 real seconds take one): the image pull (12 GB) and the base model's diffusers subfolders (33.7 GB)
+The simulator models a real job's start-up costs on a compressed clock (--time-factor, default 0.05:
+20 real seconds take one): the image pull (12 GB) and the base model's diffusers subfolders (33.7 GB)
 take their size / the rented offer's inet_down, load + quantize 240 s on a machine's first load, of
 which --cold-read (default 160 s: 34 GB from a network disk) is reading the weights from disk; a
 later job on the same machine finds them in the page cache (hosts have >= 48 GB of RAM,
@@ -15,7 +15,7 @@ billed seconds outside training, then the totals and the goals:
   - reuse: every queued job after the first reaches its first step in <= 25 % of the first job's time
     and pays <= 40 % of its non-training seconds
 
-    python benchmarks/first_step.py [--jobs 5] [--steps 20] [--time-factor 0.02] [--cold-read 160]
+    python benchmarks/first_step.py [--jobs 5] [--steps 20] [--time-factor 0.05] [--cold-read 160]
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--time-factor", type=float, default=0.02)
+    ap.add_argument("--time-factor", type=float, default=0.05)
     ap.add_argument("--cold-read", type=float, default=160.0,
                     help="seconds of the 240 s load that a machine's page cache saves the next job")
     args = ap.parse_args()

@@ -788,7 +788,8 @@ class Pipeline:
     async def _release(self, job: Job, exc: JobFailure) -> tuple[Job, str]:
         try:
             job = await self.d.store.update(job.id, reason=exc.message, failure_kind=exc.kind)
-            job, _ = await handover.release(self, job)
+            # no idle wait here: the failure message should not wait for a next job that may not come
+            job, _ = await handover.release(self, job, idle_s=0.0)
             return job, ""
         except (JobFailure, VastError, SSHError) as err:
             log.error("job %s: %s", job.id, err)

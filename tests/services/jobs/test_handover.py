@@ -200,3 +200,20 @@ async def test_the_reaper_spares_a_machine_whose_label_moved_mid_handover(world:
             assert await find_orphans(store, settings, vast) == []
         async with VastClient.from_settings(settings) as vast:
             await vast.destroy_instance(inst)
+
+
+async def test_a_job_failed_by_its_recipe_hands_the_machine_over(world: SimWorld, recorder: Recorder) -> None:
+    world.box.set_fault("oom,once")  # a CUDA OOM while loading: the recipe's fault, not the machine's
+    async with Harness(world, recorder, **WARM) as h:
+        a, b = await run_two(h)
+    assert a.state == JobState.FAILED and a.failure_kind == "cuda_oom", a.reason
+    assert b.state == JobState.SUCCEEDED and b.instance_id == a.instance_id and rentals(world) == 1
+    assert a.measured["handed_over_to"] == b.id
+
+
+async def test_a_machine_failure_never_hands_the_machine_over(world: SimWorld, recorder: Recorder) -> None:
+    world.box.set_fault("crash@step2,once")  # killed mid-step: blamed on the host, retried elsewhere
+    async with Harness(world, recorder, **WARM) as h:
+        a, b = await run_two(h)
+    assert b.state == JobState.SUCCEEDED and not b.measured.get("warm")
+    assert "handed_over_to" not in a.measured

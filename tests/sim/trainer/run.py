@@ -14,7 +14,8 @@ Knobs (environment, or a `sim_fault` / `sim_sec_per_step` file next to this scri
   LORABOT_SIM_FAULT          comma list of: oom (while loading), oom@stepN (in a step, aborts after 3),
                              gated (401), disk_full (while downloading), disk_full@stepN (at a save),
                              hang@stepN (no output, forever), crash@stepN (SIGKILL, like the OOM killer),
-                             ignore_sigint, ignore_sigterm, exception@stepN (a plain Python error)
+                             ignore_sigint, ignore_sigterm, exception@stepN (a plain Python error),
+                             once (the sim_fault file is removed: only this run fails)
 """
 
 # ruff: noqa: UP031  (%-formatting: these scripts run on whatever Python the box has)
@@ -64,6 +65,11 @@ def parse_faults(text: str) -> dict:
 
 
 FAULTS = parse_faults(_knob("LORABOT_SIM_FAULT", "sim_fault", ""))
+if "once" in FAULTS:  # the faults hit this run only (the next job on the box trains normally)
+    try:
+        os.remove(os.path.join(HERE, "sim_fault"))
+    except OSError:
+        pass
 SEC_PER_STEP = float(_knob("LORABOT_SIM_SEC_PER_STEP", "sim_sec_per_step", "0.02"))
 
 
