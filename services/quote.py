@@ -347,3 +347,21 @@ def compare(q: Quote, actual: Actuals) -> Calibration:
         cost_error=cost_err,
         sec_per_step_1024=(actual.sec_per_step / q.train_scale) if actual.sec_per_step and q.train_scale else None,
     )
+
+
+def expected_job_s(
+    recipe: FluxRecipe,
+    *,
+    inet_down_mbps: float,
+    gpu_name: str,
+    settings: Settings,
+    dataset_bytes: int = 0,
+    download_ratio: float | None = None,
+) -> float:
+    """The middle of the quote's total time for this recipe on an offer (issue 18): what offer ranking
+    multiplies by dph_total, so a dearer host with 5x the bandwidth wins when it is cheaper in total.
+    `download_ratio` is the measured share of advertised bandwidth for the offer's host class
+    (services/jobs/phases.calibration)."""
+    q = quote(recipe, dph_total=0.0, inet_down_mbps=inet_down_mbps, dataset_bytes=dataset_bytes,
+              gpu_name=gpu_name, settings=settings, download_ratio=download_ratio)
+    return (q.total_low_s + q.total_high_s) / 2

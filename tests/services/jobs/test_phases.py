@@ -14,7 +14,7 @@ from services.jobs import JobState, phases
 from services.jobs.events import Finished, Readiness
 from services.jobs.intake import draft
 from services.jobs.model import Job
-from services.quote import quote
+from services.quote import expected_job_s, quote
 from services.recipe import FluxRecipe
 from services.remote import prefetch
 from services.settings import load_settings
@@ -166,3 +166,11 @@ async def test_a_failed_prefetch_is_not_a_failed_job(world: SimWorld, recorder: 
     # the trainer fetched the model itself, and the download is measured from its progress bars
     assert job.measured["trainer_download_bytes"] > 20e9
     assert "model_download" in job.measured["phases"]
+
+
+def test_expected_job_time_lets_a_fast_host_win_when_it_is_cheaper_in_total() -> None:
+    s = load_settings(_env_file=None)
+    slow = expected_job_s(RECIPE, inet_down_mbps=200, gpu_name="RTX 4090", settings=s)
+    fast = expected_job_s(RECIPE, inet_down_mbps=1000, gpu_name="RTX 4090", settings=s)
+    assert fast < slow
+    assert fast / 3600 * 0.42 < slow / 3600 * 0.40  # 5 % dearer per hour, cheaper per job
