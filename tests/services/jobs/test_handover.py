@@ -15,7 +15,7 @@ import pytest
 from services.jobs import JobState, JobStore
 from services.jobs.intake import draft
 from services.jobs.model import Job
-from services.jobs.worker import find_orphans
+from services.jobs.worker import Worker, find_orphans
 from services.vastai import VastClient
 from tests.services.jobs.conftest import Recorder, dataset_zip
 from tests.services.jobs.test_pipeline import Harness
@@ -217,3 +217,36 @@ async def test_a_machine_failure_never_hands_the_machine_over(world: SimWorld, r
         a, b = await run_two(h)
     assert b.state == JobState.SUCCEEDED and not b.measured.get("warm")
     assert "handed_over_to" not in a.measured
+
+
+async def test_a_restart_after_the_next_job_took_the_machine_rolls_forward(world: SimWorld) -> None:
+    """The process died between step 4 (the next job holds the machine) and step 5 (closing the old
+    job): the restart closes the old job and leaves the machine, relabelled, to the next one."""
+    settings = world.settings(**WARM)
+    prefix = settings.label_prefix
+    async with JobStore(settings.db_path) as store:
+        a = await store.create(Job(user_id="u1"))
+        b = await store.create(Job(user_id="u2"))
+        inst = world.vast.rent_outside(f"{prefix}{a.id}")
+        for state in (JobState.QUEUED, JobState.RENTING, JobState.WAITING_READY, JobState.UPLOADING,
+                      JobState.TRAINING, JobState.COLLECTING):
+            await store.transition(a.id, state, "x", label=f"{prefix}{a.id}", instance_id=inst, dph_total=0.4,
+                                   rented_at=1000.0)
+        await store.update(a.id, lora_url="http://r2/lora", host_key="ssh-ed25519 AAAA",
+                           measured={"handover": {"to": b.id, "label": f"{prefix}{b.id}", "step": "relabel"}})
+        await store.transition(b.id, JobState.QUEUED, "x")
+        await store.transition(b.id, JobState.UPLOADING, "warm machine", label=f"{prefix}{b.id}", instance_id=inst,
+                               dph_total=0.4, rented_at=2000.0)
+        assert await store.claim(b.id, "another-live-process", 600)  # b is driven elsewhere
+        worker = Worker(store, settings, Recorder(), reaper=False)
+        await worker.start()
+        try:
+            a = await worker.wait(a.id, timeout=60)
+        finally:
+            await worker.stop()
+        assert a.state == JobState.SUCCEEDED and a.instance_gone_at == 2000.0  # a paid up to the handover
+        (live,) = world.vast.live_instances()
+        assert live["id"] == inst and live["label"] == f"{prefix}{b.id}"  # not destroyed: b's now
+        async with VastClient.from_settings(settings) as vast:
+            assert await find_orphans(store, settings, vast) == []
+            await vast.destroy_instance(inst)

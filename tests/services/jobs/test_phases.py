@@ -23,7 +23,7 @@ from services.vastai import VastClient
 from tests.services.jobs.conftest import Recorder, dataset_zip
 from tests.services.jobs.test_pipeline import Harness
 from tests.sim.trainer.huggingface_hub import FLUX_FILES
-from tests.sim.world import SimWorld
+from tests.sim.world import HF_TOKEN, SimWorld
 
 TIME_FACTOR = 0.001  # 34 GB at 100 Mbit/s: 2720 s -> 2.7 s
 RECIPE = FluxRecipe(name="cat", trigger_word="sks", steps=1000)
@@ -125,6 +125,10 @@ async def test_every_phase_is_measured_in_store_job_json_and_final_message(costl
     assert not job.measured.get("trainer_download_bytes")
     assert measured["model_download"] >= SUBFOLDER_BYTES * 8 / (inet * 1e6) * TIME_FACTOR * 0.9
     assert not [d for d in h.world.box.downloads() if "flux1-dev.safetensors" in d]
+    # the token reached the prefetch on stdin: not in its log, status or any file but the job's env
+    job_dir = h.world.box.remote_root / "jobs" / job.id
+    for name in ("prefetch.log", "prefetch.json", "prefetch.py"):
+        assert HF_TOKEN not in (job_dir / name).read_text()
     assert measured["model_load"] >= 0.6 - 0.25  # seen at the monitor's polls (0.2 s apart)
     doc = await _job_json(h, job)
     assert doc["breakdown"]["bytes_downloaded"] == SUBFOLDER_BYTES
