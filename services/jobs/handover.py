@@ -88,7 +88,8 @@ class WarmPool:
         self.settings = settings
         self.store = store
 
-    async def wait_for_successor(self, holder: Job, *, idle_s: float, poll_s: float = 0.1) -> Job | None:
+    async def wait_for_successor(self, holder: Job, *, idle_s: float, poll_s: float = 0.1,
+                                 stop: asyncio.Event | None = None) -> Job | None:
         """A compatible queued job, waiting up to `idle_s` for one, but only while one may come: a
         job is queued or a quote awaits its user's confirmation (else the machine would idle for naught)."""
         deadline = time.monotonic() + idle_s
@@ -96,6 +97,8 @@ class WarmPool:
             job = await self._take(lambda q: compatible(self.settings, holder, q))
             if job is not None or time.monotonic() >= deadline:
                 return job
+            if stop is not None and stop.is_set():  # a cancel: the machine goes now
+                return None
             if not await self.store.find(states=[S.QUEUED, S.AWAITING_CONFIRMATION], limit=1):
                 return None
             await asyncio.sleep(poll_s)
@@ -231,7 +234,7 @@ async def release(p: Pipeline, job: Job, *, idle_s: float | None = None) -> tupl
         return await p._destroy(job), None
     wait = p.s.warm_idle_s if idle_s is None else idle_s
     job = await p.d.store.update(job.id, measured=dict(job.measured, handover={"step": "waiting"}))
-    successor = await pool.wait_for_successor(job, idle_s=wait)
+    successor = await pool.wait_for_successor(job, idle_s=wait, stop=p.cancel_event)
     if successor is None:
         return await p._destroy(job), None
     try:

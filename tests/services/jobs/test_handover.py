@@ -250,3 +250,16 @@ async def test_a_restart_after_the_next_job_took_the_machine_rolls_forward(world
         async with VastClient.from_settings(settings) as vast:
             assert await find_orphans(store, settings, vast) == []
             await vast.destroy_instance(inst)
+
+
+async def test_a_cancel_during_the_idle_wait_destroys_the_machine_at_once(world: SimWorld, recorder: Recorder) -> None:
+    async with Harness(world, recorder, **{**WARM, "warm_idle_s": 60.0}) as h:
+        await quote_only(h, "u9")
+        a_id = await submit(h, "u1")
+        for _ in range(1200):
+            if ((await h.store.require(a_id)).measured.get("handover") or {}).get("step") == "waiting":
+                break
+            await asyncio.sleep(0.05)
+        result = await asyncio.wait_for(h.worker.cancel(a_id, by="u1"), timeout=20)
+    assert result.job.state == JobState.SUCCEEDED and result.job.lora_url  # the LoRA was stored already
+    assert world.vast.live_instances() == []
