@@ -4,7 +4,8 @@ When job A ends well (succeeded, or failed for a reason that is not the machine'
 can use the same machine (same base model, price within B's cap, machine not excluded by B, enough
 free disk), A's pipeline hands it over:
 
-    1. intent     A.measured["handover"] = {to, label, step}: written first, so a restart knows
+    1. intent     A.measured["handover"] = {to, label, step}: written first, so a restart knows;
+                  then the API must still report the machine alive, and its disk must have room
     2. wipe       A's job folder (dataset, latents, outputs, samples, log, env) removed, A's leftover
                   processes killed, and both verified gone
     3. relabel    the instance's label becomes B's (the reaper honours A's recorded intent meanwhile)
@@ -193,6 +194,11 @@ async def hand_over(p: Pipeline, job: Job, successor: Job) -> Job:
     label = label_for(p.s, successor, successor.attempt)
     job = await store.update(job.id, measured=dict(job.measured, handover={"to": successor.id, "label": label,
                                                                             "step": "wipe"}))
+    if job.instance_id is None:
+        raise HandoverError("the machine's instance id is gone")
+    inst = await p.d.vast.show_instance(job.instance_id)
+    if inst is None or inst.status.failed:  # a machine the API gave up on is nobody's next machine
+        raise HandoverError(f"instance {job.instance_id} is {'gone' if inst is None else inst.status}")
     need = successor.dataset_bytes * 3 + DISK_MARGIN_BYTES
     free = await free_disk_bytes(p, job)
     if free < need:

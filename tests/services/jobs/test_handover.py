@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from services.jobs import JobState, JobStore
-from services.jobs.intake import draft
+from services.jobs.intake import decline, draft
 from services.jobs.model import Job
 from services.jobs.worker import Worker, find_orphans
 from services.vastai import VastClient
@@ -262,4 +262,29 @@ async def test_a_cancel_during_the_idle_wait_destroys_the_machine_at_once(world:
             await asyncio.sleep(0.05)
         result = await asyncio.wait_for(h.worker.cancel(a_id, by="u1"), timeout=20)
     assert result.job.state == JobState.SUCCEEDED and result.job.lora_url  # the LoRA was stored already
+    assert world.vast.live_instances() == []
+
+
+@pytest.mark.parametrize("fault", ["vanish", "offline"])
+async def test_a_machine_that_fails_while_waiting_is_never_handed_over(
+    world: SimWorld, recorder: Recorder, fault: str
+) -> None:
+    async with Harness(world, recorder, **{**WARM, "warm_idle_s": 60.0}) as h:
+        pending = await quote_only(h, "u9")
+        a_id = await submit(h, "u1")
+        for _ in range(1200):
+            a = await h.store.require(a_id)
+            if (a.measured.get("handover") or {}).get("step") == "waiting":
+                break
+            await asyncio.sleep(0.05)
+        assert a.instance_id is not None
+        await decline(h.store, pending)  # b is the last job: its machine does not wait
+        if fault == "vanish":
+            world.vast.vanish(a.instance_id)
+        else:
+            world.vast.fault(a.instance_id, "offline")
+        b = await h.worker.wait(await submit(h, "u2"), timeout=120)
+        a = await h.worker.wait(a_id, timeout=60)
+    assert a.state == JobState.SUCCEEDED and "handed_over_to" not in a.measured
+    assert b.state == JobState.SUCCEEDED and b.attempt == 1 and b.instance_id != a.instance_id
     assert world.vast.live_instances() == []
