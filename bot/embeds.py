@@ -441,6 +441,7 @@ def finished_embed(job: Job, ev: Finished, *, link: bool = True) -> discord.Embe
     extra = [f"[{name}]({url})" for name, url in ev.links.items() if url != ev.lora_url]
     if extra:
         e.add_field(name="more files", value=" · ".join(extra), inline=False)
+    add_phase_field(e, job)
     e.set_footer(text=f"job {job.id} · trigger word: {job.trigger_word or '?'}")
     return fit_embed(e)
 
@@ -555,3 +556,11 @@ def shrink_image(data: bytes, limit: int = MAX_FILE_BYTES) -> tuple[bytes, str]:
             quality -= 15
         else:
             img = img.resize((max(1, img.width // 2), max(1, img.height // 2)))
+
+
+def add_phase_field(e: discord.Embed, job: Job) -> None:
+    """Issue 18: where the time went, one compact line (measured per phase; the quote's range where missed)."""
+    from services.jobs import phases
+
+    if job.measured.get("phases"):
+        e.add_field(name="time per phase", value=truncate(phases.compact_line(job), MAX_FIELD_VALUE), inline=False)

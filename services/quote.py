@@ -221,9 +221,13 @@ def quote(
     profile: SpeedProfile | None = None,
     inet_down_cost_per_gb: float = 0.0,
     inet_up_cost_per_gb: float = 0.0,
+    download_ratio: float | None = None,
+    warm: bool = False,
 ) -> Quote:
     """Time and cost ranges for `recipe` on an offer. `sec_per_step` (effective for this recipe, used
-    unscaled) and `profile` replace the table and settings when given."""
+    unscaled) and `profile` replace the table and settings when given. `download_ratio` is the measured
+    achieved/advertised bandwidth of this host class (services/jobs/phases.calibration); `warm` quotes
+    a machine handed over by a finished job: no rent, image pull or model download."""
     if dph_total < 0 or inet_down_mbps < 0 or dataset_bytes < 0:
         raise ValueError("dph_total, inet_down_mbps and dataset_bytes must not be negative")
     prof = profile or SpeedProfile.for_gpu(gpu_name, settings)
@@ -245,13 +249,22 @@ def quote(
     def add(name: str, low: float, high: float) -> None:
         phases.append(PhaseEstimate(name=name, low_s=round(low, 1), high_s=round(high, 1)))
 
+    if warm:
+        notes.append("warm machine: no rent, image pull or model download")
+        prof = prof.model_copy(update={"image_pull_s": 0.0, "model_bytes": 0.0})
     add("image_pull", prof.image_pull_s * 0.5, prof.image_pull_s * 2)
     up = _transfer_s(dataset_bytes, min(prof.upload_mbps, inet_down_mbps or prof.upload_mbps))
     add("dataset_upload", up, up * 2 + prof.transfer_overhead_s)
     if prof.model_bytes and inet_down_mbps <= 0:
         notes.append("unknown inet_down: model download assumed at 100 Mbit/s")
     down = _transfer_s(prof.model_bytes, inet_down_mbps if inet_down_mbps > 0 else 100.0)
-    add("model_download", down, down * 2)
+    if download_ratio is not None and download_ratio > 0:
+        # measured on this host class: a narrower range around the speed such hosts really reach
+        real = down / download_ratio
+        add("model_download", real * 0.8, real * 1.25)
+        notes.append(f"model download at the measured {download_ratio:.0%} of advertised bandwidth")
+    else:
+        add("model_download", down, down * 2)
     add("model_load", prof.model_load_s * 0.75, prof.model_load_s * 1.5)
     latents = images * sum(0.15 + 0.85 * (r / 1024) ** 2 for r in recipe.resolutions) * prof.latent_s_per_image * gf
     add("latent_caching", latents * 0.5, latents * 1.5 + prof.latent_overhead_s)
@@ -352,3 +365,21 @@ def compare(q: Quote, actual: Actuals) -> Calibration:
         cost_error=cost_err,
         sec_per_step_1024=(actual.sec_per_step / q.train_scale) if actual.sec_per_step and q.train_scale else None,
     )
+
+
+def expected_job_s(
+    recipe: FluxRecipe,
+    *,
+    inet_down_mbps: float,
+    gpu_name: str,
+    settings: Settings,
+    dataset_bytes: int = 0,
+    download_ratio: float | None = None,
+) -> float:
+    """The middle of the quote's total time for this recipe on an offer (issue 18): what offer ranking
+    multiplies by dph_total, so a dearer host with 5x the bandwidth wins when it is cheaper in total.
+    `download_ratio` is the measured share of advertised bandwidth for the offer's host class
+    (services/jobs/phases.calibration)."""
+    q = quote(recipe, dph_total=0.0, inet_down_mbps=inet_down_mbps, dataset_bytes=dataset_bytes,
+              gpu_name=gpu_name, settings=settings, download_ratio=download_ratio)
+    return (q.total_low_s + q.total_high_s) / 2

@@ -240,6 +240,16 @@ class Settings(BaseSettings):
     # Discord login retries (a revoked token or an outage): backoff from min to max seconds
     discord_login_backoff_s: float = Field(5.0, gt=0, validation_alias="LORABOT_DISCORD_LOGIN_BACKOFF_S")
     discord_login_backoff_max_s: float = Field(300.0, gt=0, validation_alias="LORABOT_DISCORD_LOGIN_BACKOFF_MAX_S")
+    # --- issue 18: overhead, prefetch and warm machines ------------------------------------------
+    # fetch the base model into the box's HF cache at readiness, while the dataset is shipped
+    prefetch_model: bool = Field(True, validation_alias="LORABOT_PREFETCH_MODEL")
+    # HF_HOME for the prefetch and the trainer on the box ("" = the box's default ~/.cache/huggingface)
+    remote_hf_home: str = Field("", validation_alias="LORABOT_REMOTE_HF_HOME")
+    # hand a finished job's machine to a queued job that can use it instead of destroying it
+    warm_reuse: bool = Field(True, validation_alias="LORABOT_WARM_REUSE")
+    warm_idle_s: float = Field(120.0, ge=0, validation_alias="LORABOT_WARM_IDLE_S")
+    warm_max_jobs: int = Field(5, ge=1, validation_alias="LORABOT_WARM_MAX_JOBS")
+    warm_max_age_s: float = Field(6 * 3600.0, gt=0, validation_alias="LORABOT_WARM_MAX_AGE_S")
 
     @field_validator(
         "vastai_api_url", "r2_endpoint_url", "r2_public_base_url", "r2_account_id", "r2_bucket", mode="before"

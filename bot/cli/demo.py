@@ -24,6 +24,7 @@ from rich.console import Console
 from bot.cli.common import EXIT_INFRA, EXIT_NOT_READY, EXIT_OK, fail, print_json
 
 DEMO_STEPS = 40
+DEMO_TIME_FACTOR = 0.0005  # the simulated clock: 2000 real seconds take one
 
 
 def _missing() -> str | None:
@@ -56,13 +57,16 @@ def demo_dataset(n: int = 5, size: int = 320) -> bytes:
 
 async def _run(root: Path, out: Console, steps: int) -> dict[str, Any]:
     from bot.cli.train import CliNotifier
-    from services.jobs import JobStore
+    from services.jobs import JobStore, phases
     from services.jobs.intake import draft
     from services.jobs.worker import Worker
     from services.vastai import VastClient
     from tests.sim.world import run_world
 
     with run_world(root / "sim") as world:
+        # a real job's costs (12 GB image, 34 GB of weights at the offer's bandwidth, load + quantize)
+        # on a clock compressed 2000x, so the phase breakdown shows where the time goes
+        world.model_costs(time_factor=DEMO_TIME_FACTOR, image_gb=12.0, load_s=240 * DEMO_TIME_FACTOR)
         settings = world.settings()
         out.print(f"simulator up: Vast.ai emulator {world.vast.url}, box ssh {world.sshd.info.host}:"
                   f"{world.sshd.info.port}, S3 {world.s3.endpoint_url}")
@@ -101,6 +105,10 @@ async def _run(root: Path, out: Console, steps: int) -> dict[str, Any]:
                 "steps": job.step,
                 "final_loss": job.loss,
                 "wall_s": round(time.monotonic() - t0, 2),
+                "phases": phases.summary(job),
+                "phase_line": phases.compact_line(job),
+                "phase_table": phases.table(job),
+                "time_factor": DEMO_TIME_FACTOR,
             }
 
 
@@ -123,6 +131,11 @@ def demo(
         if summary.get("lora_url"):
             out.print(f"LoRA: {summary['lora_url']} (the local S3 server is gone now that the demo ended)")
         out.print(f"cost ${summary['cost_usd']:.4f}, instances left: {summary['instances_left']}")
+        if summary.get("phase_table"):
+            out.print(f"\ntime per phase, measured on the simulator (pull, download and load on a clock "
+                      f"{1 / summary['time_factor']:.0f}x compressed); the estimate is the quote for a real GPU:",
+                      highlight=False)
+            out.print(summary["phase_table"], highlight=False, markup=False)
     raise typer.Exit(EXIT_OK if summary["state"] == "succeeded" and summary["instances_left"] == 0 else EXIT_NOT_READY)
 
 

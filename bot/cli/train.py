@@ -153,12 +153,22 @@ def job_detail(job: Job, s: Settings) -> dict[str, Any]:
         "artifacts": job.artifacts,
         "live_box": has_live_box(job),
         "ssh": None,
+        "breakdown": _breakdown(job),
     })
     if has_live_box(job):
         assert job.host_key is not None
         doc["ssh"] = {"host": job.ssh_host, "port": job.ssh_port, "user": s.ssh_user, "job_root": job_root(job, s),
                       "host_key_fingerprint": fingerprint(job.host_key)}
     return doc
+
+
+def _breakdown(job: Job) -> dict[str, Any] | None:
+    """Issue 18: measured seconds per phase beside the quote's estimate, billed seconds, bytes downloaded."""
+    from services.jobs import phases
+
+    if not job.measured.get("phases"):
+        return None
+    return {**phases.summary(job), "line": phases.compact_line(job), "table": phases.table(job)}
 
 
 def _with_store(s: Settings, fn: Callable[[JobStore], Awaitable[Any]]) -> Any:
@@ -822,7 +832,7 @@ def _status_row(job: Job, s: Settings) -> list[str]:
             str(job.instance_id) if job.instance_id and not job.instance_gone_at else "-"]
 
 
-def _print_detail(doc: dict[str, Any]) -> None:
+def _print_detail(doc: dict[str, Any], *, phases: bool = False) -> None:
     from rich.markup import escape
 
     lines = [f"[bold]job {doc['job_id']}[/] {escape(doc['name'] or '')}: [bold]{doc['state']}[/]"]
@@ -841,12 +851,16 @@ def _print_detail(doc: dict[str, Any]) -> None:
                      f"{doc['ssh']['host_key_fingerprint']}), job root {doc['ssh']['job_root']}")
     if doc["lora_url"]:
         lines.append(f"LoRA: {doc['lora_url']}")
+    if doc.get("breakdown"):
+        lines.append(f"phases: {escape(doc['breakdown']['line'])}")
     if doc["state"] not in ("succeeded", "failed", "cancelled", "prepared"):
         if doc["driven_by"]:
             lines.append(f"driven by {doc['driven_by']}")
         else:
             lines.append(f"[yellow]nothing drives this job now[/]: `lorabot train --attach {doc['job_id']}` "
                          f"(or run the Discord bot), or `lorabot cancel {doc['job_id']}`")
+    if phases and doc.get("breakdown"):
+        lines.append(escape(doc["breakdown"]["table"]))
     for line in lines:
         console.print(line, highlight=False, soft_wrap=True)
 
@@ -856,6 +870,8 @@ def status(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Watch the job until it ends (read-only).")] = False,
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="Rows in the table.")] = 20,
     as_json: JsonOpt = False,
+    phase_table: Annotated[bool, typer.Option("--phases", help="The full per-phase table with the quote's estimate.")]
+    = False,
 ) -> None:
     """Jobs in the store (a table), or one job's detail: state, reason, progress, ETA, loss, cost, link.
 
@@ -885,7 +901,7 @@ def status(
     if as_json:
         print_json(doc)
     else:
-        _print_detail(doc)
+        _print_detail(doc, phases=phase_table)
     if follow:
         raise typer.Exit(exit_code_for(job))
 

@@ -17,6 +17,7 @@ from typing import Any
 from services.dataset import DatasetError, DatasetReport, prepare
 from services.dataset.prepare import rejected_report
 from services.jobcost import plan_for
+from services.jobs import phases
 from services.jobs.cleanup import drop_job_files
 from services.jobs.model import Job, JobState
 from services.jobs.store import JobStore
@@ -70,6 +71,17 @@ def quote_doc(q: Quote) -> dict[str, Any]:
     doc["hours_high"] = q.total_high_s / 3600.0
     doc["cost_high"] = q.cost_high_usd
     return doc
+
+
+async def measured_speeds(store: JobStore, settings: Settings, inet_down: float) -> tuple[Settings, float | None]:
+    """Issue 18: what finished jobs measured (per-GPU s/step, this host class's real download speed),
+    for the quote; a LORABOT_SEC_PER_STEP_GPU entry set by the operator wins over a measurement."""
+    recent = await store.find(states=[JobState.SUCCEEDED], limit=50)
+    cal = phases.calibration(recent)
+    if cal["sec_per_step_gpu"]:
+        settings = settings.model_copy(update={"sec_per_step_gpu": {**cal["sec_per_step_gpu"],
+                                                                     **settings.sec_per_step_gpu}})
+    return settings, cal["download_ratio"].get(phases.host_class(inet_down))
 
 
 async def _fail(store: JobStore, job: Job, reason: str, kind: str, work: Path | None = None) -> Job:
@@ -166,10 +178,11 @@ async def draft(
             return Draft(job, report, None, offer, False, too_big)
     dph = offer.dph_total if offer else settings.max_price
     inet = offer.inet_down if offer else settings.min_inet_down or 500.0
+    quote_settings, ratio = await measured_speeds(store, settings, inet)
     q = quote(recipe, dph_total=dph, inet_down_mbps=inet, dataset_bytes=prepared.manifest.total_bytes,
-              gpu_name=offer.gpu_name if offer else settings.gpu_name, settings=settings,
+              gpu_name=offer.gpu_name if offer else settings.gpu_name, settings=quote_settings,
               inet_down_cost_per_gb=offer.inet_down_cost if offer else 0.0,
-              inet_up_cost_per_gb=offer.inet_up_cost if offer else 0.0)
+              inet_up_cost_per_gb=offer.inet_up_cost if offer else 0.0, download_ratio=ratio)
     job = await store.update(job.id, recipe=recipe.model_dump(mode="json"), dataset_dir=str(prepared.folder),
                             dataset_sha256=prepared.manifest.dataset_sha256,
                             dataset_bytes=prepared.manifest.total_bytes, quote=quote_doc(q),

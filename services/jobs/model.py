@@ -5,6 +5,7 @@
     (uploading -> prepared for `lorabot launch`: shipped, no training; an operator takes over)
     any non-terminal state -> failed | cancelled
     waiting_ready | uploading | training -> renting   (one retry on another machine)
+    queued -> uploading   (a finished job's warm machine handed over, services/jobs/handover.py)
 
 A job in a state of HOLDS_INSTANCE may own a rented machine; a restarted process re-attaches or
 cleans those up. The instance id, offer, price, label and SSH endpoint are columns for that reason.
@@ -53,7 +54,7 @@ S = JobState
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.VALIDATING: frozenset({S.AWAITING_CONFIRMATION, S.QUEUED, *_END}),
     S.AWAITING_CONFIRMATION: frozenset({S.QUEUED, *_END}),
-    S.QUEUED: frozenset({S.RENTING, *_END}),
+    S.QUEUED: frozenset({S.RENTING, S.UPLOADING, *_END}),  # uploading: a warm machine handed over (issue 18)
     S.RENTING: frozenset({S.WAITING_READY, S.QUEUED, *_END}),
     S.WAITING_READY: frozenset({S.UPLOADING, S.RENTING, *_END}),
     S.UPLOADING: frozenset({S.TRAINING, S.PREPARED, S.RENTING, *_END}),

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from services import progress as prog
 from services.eta import EtaModel
 from services.jobcost import bandwidth_usd, plan_for_job
-from services.jobs import budget
+from services.jobs import budget, handover, phases
 from services.jobs.errors import InfraFailure, JobCancelled, JobFailure
 from services.jobs.events import (
     Cancelled,
@@ -47,6 +47,7 @@ from services.jobs.intake import offer_query
 from services.jobs.model import IllegalTransition, Job, JobState, check_transition
 from services.jobs.store import JobStore
 from services.recipe import FluxRecipe, expected_outputs, render_config
+from services.remote import prefetcher
 from services.remote.driver import RemoteJob, RemoteStatus
 from services.settings import Settings, redact
 from services.ssh import (
@@ -104,6 +105,8 @@ class Deps:
     # bounds the CPU-heavy start of jobs (SSH handshakes, streaming the dataset) so that many jobs
     # starting at once do not stall the event loop for the ones already running
     startups: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
+    # hands a finished job's machine to a queued job (issue 18); None: every machine is destroyed
+    warm: handover.WarmPool | None = None
 
 
 def job_name(job: Job) -> str:
@@ -156,6 +159,8 @@ class Pipeline:
         self._finishing = False  # carrying out a cancel: remote calls are no longer interrupted by it
         self._work = Path(self.s.work_dir) / job_id
         self._unknown_since: dict[int, float] = {}  # instance id -> first `unknown` seen in a row
+        self._downloads: dict[str, int] = {}
+        self._phase_timer = phases.PhaseTimer()  # the trainer's phases as the monitor sees them (issue 18)
 
     # --- plumbing -----------------------------------------------------------------------------
     async def _emit(self, job: Job, event: JobEvent) -> None:
@@ -195,6 +200,8 @@ class Pipeline:
     async def run(self) -> Job:
         job = await self.d.store.require(self.job_id)
         try:
+            if not job.state.terminal and (job.measured.get("handover") or {}).get("step") not in (None, "done"):
+                return await self._resume_handover(job)
             while not job.state.terminal:
                 await self._check_cancel(job)
                 if job.state in (S.QUEUED, S.RENTING):
@@ -259,6 +266,7 @@ class Pipeline:
                     f"Vast.ai credit ${credit:.2f} is below the ${need:.2f} this job may cost"
                     + (f" plus the ${others:.2f} other running jobs may still spend" if others else ""))
             await self.d.vast.ensure_ssh_key(pub)
+            created = time.time()
             result = await rent(self.d.vast, label=job.label, image=self.s.image, disk_gb=self.s.disk_gb,
                                 offers=offers, attempts=self.s.rent_attempts,
                                 label_watch_s=self.s.vastai_label_watch_s)
@@ -280,6 +288,7 @@ class Pipeline:
                 gpu_name=result.gpu_name or self.s.gpu_name, rented_at=job.rented_at or time.time(),
                 instance_gone_at=None,
                 bandwidth_usd=bandwidth_usd(plan, result.inet_down_cost, result.inet_up_cost),
+                measured=_rent_marks(job.measured, created, result.offer_id, offers),
             )
         except Exception as exc:  # a full disk: an instance nobody can find again must not bill
             log.error("job %s: storing instance %s failed (%s); destroying it", job.id, result.instance_id, exc)
@@ -323,9 +332,15 @@ class Pipeline:
                 return None  # an API hiccup says nothing about the box; the readiness deadline bounds it
             self._judge(inst, instance_id, " while starting")
             assert inst is not None
+            if inst.status == InstanceStatus.RUNNING and "running" not in (job.measured.get("marks") or {}):
+                await _mark_running()
             if inst.status == InstanceStatus.RUNNING and inst.endpoints():
                 return [Endpoint(e.host, e.port, self.s.ssh_user, e.kind) for e in inst.endpoints()]
             return None
+
+        async def _mark_running() -> None:
+            nonlocal job
+            job = await self.d.store.update(job.id, measured=phases.mark(job.measured, "running", keep=True))
 
         async def on_stage(stage: str, detail: str) -> None:
             await self._emit(job, Readiness(stage, detail))
@@ -342,7 +357,7 @@ class Pipeline:
             raise InfraFailure("not_ready", f"the machine never became usable: {exc}") from None
         ep = ready.endpoint
         job = await self._to(job, S.UPLOADING, f"ready at {ep}", ssh_host=ep.host, ssh_port=ep.port,
-                             ssh_kind=ep.kind, host_key=ready.host_key)
+                             ssh_kind=ep.kind, host_key=ready.host_key, measured=_ready_phases(job.measured))
         await self._emit(job, Readiness("ready", str(ep)))
         return job
 
@@ -520,8 +535,10 @@ class Pipeline:
         t0 = time.monotonic()
 
         async def ship(remote: RemoteJob) -> None:
+            await self._start_prefetch(job, remote)  # the model downloads while the dataset goes up
             await remote.box.upload_dataset(folder, manifest, dataset_dir)
             env = {"HF_TOKEN": self.s.hf_token.get_secret_value()} if self.s.hf_token else {}
+            env.update(prefetcher.trainer_env(self.s))
             await remote.install(config_text, env)
             await remote.box.put_file(UPLOADER, f"{root}/upload_presigned.py", 0o755)
             await self._restore_checkpoint(job, remote, output)
@@ -533,7 +550,11 @@ class Pipeline:
                 await self._remote_call(job, "upload", ship, timeout=bound)
         except SSHError as exc:  # a checksum mismatch after retries: the link corrupts data
             raise InfraFailure("upload", f"dataset upload failed: {exc}") from None
-        measured = dict(job.measured, upload_s=round(time.monotonic() - t0, 3))
+        upload_s = round(time.monotonic() - t0, 3)
+        job = await self.d.store.update(job.id, measured=phases.add(dict(job.measured, upload_s=upload_s),
+                                                                    "dataset_upload", upload_s))
+        job = await self._await_prefetch(job)
+        measured = job.measured
         await self._emit(job, Readiness("uploaded", f"{mb:.1f} MB verified on the box"))
         if not job.train:
             return await self._to(job, S.PREPARED, "shipped; not training (launch)", remote_dir=root,
@@ -541,6 +562,52 @@ class Pipeline:
         job = await self._to(job, S.TRAINING, "launching the trainer", remote_dir=root, measured=measured,
                              log_offset=0)
         return job
+
+    async def _start_prefetch(self, job: Job, remote: RemoteJob) -> None:
+        """Issue 18: fetch the base model into the box's HF cache now; a failure only costs the overlap."""
+        repo = prefetcher.repo_of(FluxRecipe.model_validate(job.recipe))
+        if not (self.s.prefetch_model and job.train and repo):
+            return
+        try:
+            await prefetcher.start(remote.box, self._remote_dir(job), self.s, repo)
+            await self._emit(job, Readiness("prefetching", f"{repo} into the box's model cache"))
+        except (SSHError, OSError) as exc:
+            log.warning("job %s: model prefetch not started (%s); the trainer downloads it", job.id, exc)
+
+    async def _await_prefetch(self, job: Job) -> Job:
+        """The trainer starts on a warm cache: wait while the prefetch makes progress (a stalled or
+        failed one lets the trainer download the rest itself), then record what it fetched."""
+        if "prefetch" in job.measured or not (self.s.prefetch_model and job.train):
+            return job
+        last_progress, last_bytes, last_note = time.monotonic(), -1, 0.0
+        while True:
+            await self._check_cancel()
+            try:
+                doc = await self._remote_call(job, "prefetch status",
+                                              lambda r: prefetcher.status(r.box, self._remote_dir(job), self.s))
+            except (SSHError, JobFailure) as exc:
+                log.info("job %s: no prefetch status: %s", job.id, exc)
+                return job
+            if doc.get("state") != "running":
+                break
+            done_bytes = int(doc.get("bytes_done") or 0)
+            now = time.monotonic()
+            if done_bytes != last_bytes:
+                last_bytes, last_progress = done_bytes, now
+            elif now - last_progress > self.s.stall_timeout_s:
+                log.warning("job %s: the model prefetch stalled; the trainer takes over", job.id)
+                break
+            if now - last_note >= 5.0 and doc.get("bytes_total"):
+                last_note = now
+                await self._emit(job, Readiness("downloading", f"{done_bytes / 1e9:.1f}/"
+                                                               f"{int(doc['bytes_total']) / 1e9:.1f} GB"))
+            await self._sleep(min(1.0, self.s.monitor_interval_s))
+        measured = dict(job.measured, prefetch=doc.get("state"))
+        fetched = prefetcher.measured_from(doc)
+        if fetched is not None and fetched[1] > 0:  # a warm cache fetched nothing: no download phase
+            measured = phases.add(measured, "model_download", fetched[0])
+            measured["prefetch_bytes"] = fetched[1]
+        return await self.d.store.update(job.id, measured=measured)
 
     async def _restore_checkpoint(self, job: Job, remote: RemoteJob, output: str) -> None:
         """On a retry, put the last backed-up checkpoint where ai-toolkit resumes from it.
@@ -657,7 +724,7 @@ class Pipeline:
                 await self._emit(job, CostUpdate(job.cost_so_far(), job.dph_total or 0.0))
             await self._limits(job, started, now - last_output)
             await self._sleep(self.s.monitor_interval_s)
-        measured = dict(job.measured, train_s=round(time.monotonic() - t0, 3))
+        measured = dict(self._phase_switch(job, None), train_s=round(time.monotonic() - t0, 3))
         if status.started_at and status.finished_at:  # the trainer's own run time, by the box's clock
             measured["trainer_s"] = round(status.finished_at - status.started_at, 3)
         if job.sec_per_step:
@@ -725,20 +792,31 @@ class Pipeline:
         if job.cost_so_far() > self.s.max_job_cost:
             await stop_and_fail("max_cost", f"cost passed the ${self.s.max_job_cost:.2f} cap: stopped")
 
+    def _phase_switch(self, job: Job, progress_phase: str | None) -> dict[str, Any]:
+        ended = self._phase_timer.switch(progress_phase)
+        return phases.add(job.measured, *ended) if ended else dict(job.measured)
+
     async def _handle(self, job: Job, events: list[prog.ProgressEvent]) -> Job:
         last_step: prog.Step | None = None
         if self._eta is not None:
             self._eta.record(events, time.monotonic())
         for ev in events:
             if isinstance(ev, prog.Step):
+                if last_step is None and "first_step" not in (job.measured.get("marks") or {}):
+                    job = await self.d.store.update(job.id, measured=phases.mark(job.measured, "first_step"))
                 last_step = ev
                 if ev.loss is not None and (not self._loss_curve or self._loss_curve[-1][0] < ev.step):
                     self._loss_curve.append((ev.step, ev.loss))
             elif isinstance(ev, prog.PhaseChanged):
-                job = await self.d.store.update(job.id, phase=ev.phase.value)
+                job = await self.d.store.update(job.id, phase=ev.phase.value,
+                                                measured=self._phase_switch(job, ev.phase.value))
                 await self._emit(job, Readiness(ev.phase.value, ev.detail))
             elif isinstance(ev, prog.DownloadProgress):
                 self._saw_download = True
+                if ev.bytes_total > self._downloads.get(ev.file, 0):  # bars per file: count each once
+                    self._downloads[ev.file] = ev.bytes_total
+                    job = await self.d.store.update(job.id, measured=dict(
+                        job.measured, trainer_download_bytes=sum(self._downloads.values())))
                 # download bars redraw ~10 times a second: pass one on every few seconds
                 if time.monotonic() - self._last_download_note >= 5.0:
                     self._last_download_note = time.monotonic()
@@ -897,21 +975,32 @@ class Pipeline:
                 job = await self._secure_lora(job, out.final_lora, keys.lora)
             if job.instance_gone_at is None:
                 await self._fetch_log(job)
-                job = await self._destroy(job)  # the LoRA is safe: stop paying for the machine now
+                if not job.lora_stored:  # only a copy here: R2 is failing, stop paying for the machine now
+                    job = await self._destroy(job)
         finally:
             heartbeat.cancel()
         link, links, job = await self._store_results(job, keys)
         expires = link.expires_at.timestamp() if link.expires_at else None
-        measured = dict(job.measured, collect_s=round(time.monotonic() - t0, 3), stored_at=time.time())
+        collect_s = round(time.monotonic() - t0, 3)
+        measured = phases.add(dict(job.measured, collect_s=collect_s, stored_at=time.time()), "collection", collect_s)
         job = await self.d.store.update(job.id, lora_key=keys.lora, lora_url=link.url, link_expires_at=expires,
                                         artifacts={**job.artifacts, "lora": keys.lora, "log": keys.log,
                                                    "config": keys.config}, measured=measured,
                                         local_lora=None, local_lora_sha256=None)
         await asyncio.to_thread(shutil.rmtree, self._work / "collect", True)
+        early = (self.d.warm is not None and job.instance_gone_at is None
+                 and handover.may_hand_over(self.s, job))
+        if early:  # the link does not wait for the machine's next job
+            duration = time.time() - (job.started_at or job.created_at)
+            await self._emit(job, Finished(link.url, expires, duration, job.cost_so_far(), job.loss,
+                                           list(self._loss_curve), links))
+        if job.instance_gone_at is None:  # the LoRA is in R2: hand the machine to a queued job, or destroy it
+            job, _successor = await handover.release(self, job)
         summary = {
             "job_id": job.id, "name": job.name, "trigger_word": job.trigger_word, "steps": job.total_steps,
             "final_loss": job.loss, "cost_usd": job.cost_so_far(), "gpu": job.gpu_name, "dph_total": job.dph_total,
             "lora_key": keys.lora, "measured": job.measured, "quote": job.quote,
+            "breakdown": phases.summary(job),
         }
         try:
             await storage.upload_bytes(json.dumps(summary, indent=2).encode(), keys.job)
@@ -919,8 +1008,9 @@ class Pipeline:
             log.warning("job.json not stored: %s", exc)
         job = await self._to(job, S.SUCCEEDED, "LoRA stored", cost_usd=job.cost_so_far())
         duration = (job.finished_at or time.time()) - (job.started_at or job.created_at)
-        await self._emit(job, Finished(link.url, expires, duration, job.cost_so_far(), job.loss,
-                                       list(self._loss_curve), links))
+        if not early:
+            await self._emit(job, Finished(link.url, expires, duration, job.cost_so_far(), job.loss,
+                                           list(self._loss_curve), links))
         return job
 
     async def _secure_lora(self, job: Job, path: str, key: str) -> Job:
@@ -961,6 +1051,8 @@ class Pipeline:
                 return await self._upload_results(job, keys)
             except (StorageError, OSError) as exc:
                 log.warning("job %s: storing the results failed (%s); retrying in %.0f s", job.id, exc, delay)
+                if job.instance_gone_at is None:  # the LoRA and log are safe: no machine bills while R2 is out
+                    job = await self._destroy(job)
                 if not told:
                     told = True
                     await self._emit(job, Readiness(
@@ -1009,12 +1101,22 @@ class Pipeline:
                     log.info("job %s: heartbeat not delivered: %s", job.id, exc)
             await asyncio.sleep(max(1.0, min(self.s.monitor_interval_s * 5, self.s.deadman_s / 4)))
 
+    async def _resume_handover(self, job: Job) -> Job:
+        """A restart in the middle of a handover (issue 18): settle the machine, then end the job."""
+        job = await handover.recover(self, job)
+        if job.lora_url:
+            return await self._to(job, S.SUCCEEDED, "LoRA stored (machine settled after a restart)",
+                                  cost_usd=job.cost_so_far())
+        return await self._to(job, S.FAILED, job.reason or "ended during a machine handover",
+                              failure_kind=job.failure_kind or "internal", cost_usd=job.cost_so_far())
+
     # --- endings ------------------------------------------------------------------------------
     async def _destroy(self, job: Job) -> Job:
         """Destroy the rented machine (verified) and settle its cost; retried, never skipped.
 
         Every instance under the job's label goes, not only the one whose id the job holds: a create
         whose answer was lost may have rented a second one."""
+        t0 = time.monotonic()
         if job.label:
             try:
                 found = await self.d.vast.find_by_label(job.label)
@@ -1044,15 +1146,18 @@ class Pipeline:
                 return await self.d.store.update(
                     job.id, instance_id=first.id, instance_gone_at=now, cost_usd=job.cost_so_far(now),
                     billed_s=job.rental_seconds(now), rented_at=None, dph_total=job.dph_total,
-                    bandwidth_usd=0.0)  # now inside cost_usd
+                    bandwidth_usd=0.0,  # now inside cost_usd
+                    measured=phases.add(job.measured, "teardown", time.monotonic() - t0))
         if job.instance_id is None or job.instance_gone_at is not None:
             return job
         await self._destroy_id(job.instance_id)
         now = time.time()
         cost = job.cost_so_far(now)
         billed = job.rental_seconds(now)
+        measured = phases.add(job.measured, "teardown", time.monotonic() - t0)
         return await self.d.store.update(job.id, instance_gone_at=now, cost_usd=cost, billed_s=billed,
-                                         rented_at=None, bandwidth_usd=0.0)  # now inside cost_usd
+                                         rented_at=None, bandwidth_usd=0.0,  # now inside cost_usd
+                                         measured=measured)
 
     async def _destroy_id(self, instance_id: int) -> None:
         last: Exception | None = None
@@ -1074,6 +1179,16 @@ class Pipeline:
                 f"instance {job.instance_id} of job {job.id} could not be destroyed and may still bill: {exc}. "
                 "The reaper retries; check the Vast.ai console."))
             return job, f"; WARNING: instance {job.instance_id} not destroyed yet, the reaper will retry"
+
+    async def _release(self, job: Job, exc: JobFailure) -> tuple[Job, str]:
+        try:
+            job = await self.d.store.update(job.id, reason=exc.message, failure_kind=exc.kind)
+            # no idle wait here: the failure message should not wait for a next job that may not come
+            job, _ = await handover.release(self, job, idle_s=0.0)
+            return job, ""
+        except (JobFailure, VastError, SSHError) as err:
+            log.error("job %s: %s", job.id, err)
+            return await self._safe_destroy(await self.d.store.require(job.id))
 
     async def _finish_cancelled(self, by: str) -> Job:
         self._finishing = True
@@ -1140,7 +1255,10 @@ class Pipeline:
             return job
         if exc.retryable and job.attempt < 2 and not self.cancel_event.is_set() and job.state.holds_instance:
             return await self._retry(job, exc)
-        job, warn = await self._safe_destroy(job)
+        if exc.kind in handover.MACHINE_NEUTRAL_FAILURES and not isinstance(exc, InfraFailure):
+            job, warn = await self._release(job, exc)  # the machine is fine: the next job may take it
+        else:
+            job, warn = await self._safe_destroy(job)
         reason = exc.message + warn
         job = await self._to(job, S.FAILED, reason, failure_kind=exc.kind, cost_usd=job.cost_so_far(),
                              failure_announced=job.attempt)
@@ -1175,3 +1293,29 @@ class Pipeline:
         self._parser = None
         self._saw_download = self._nan_reported = False
         return await self.run()
+
+
+# --- phase marks (issue 18) -------------------------------------------------------------------
+def _rent_marks(measured: dict[str, Any], created: float, offer_id: int | None, offers: list[Any]) -> dict[str, Any]:
+    """The create request's time and the rented offer's advertised bandwidth (for the quote's feedback)."""
+    out = phases.mark(measured, "created", created)
+    marks = dict(out.get("marks") or {})
+    marks.pop("running", None)  # a retry's new machine boots anew
+    out["marks"] = marks
+    offer = next((o for o in offers if o.id == offer_id), None)
+    if offer is not None:
+        out["inet_down"] = offer.inet_down
+    return out
+
+
+def _ready_phases(measured: dict[str, Any]) -> dict[str, Any]:
+    """Close create -> running and running -> SSH at the moment SSH became usable."""
+    now = time.time()
+    marks = measured.get("marks") or {}
+    created, running = marks.get("created"), marks.get("running")
+    out = dict(measured)
+    if created is not None and running is not None:
+        out = phases.add(out, "create_to_running", float(running) - float(created))
+    if running is not None:
+        out = phases.add(out, "running_to_ssh", now - float(running))
+    return phases.mark(out, "ssh", now)

@@ -25,6 +25,7 @@ from services.jobs import budget
 from services.jobs.budget import day_start
 from services.jobs.errors import JobRefused
 from services.jobs.events import Cancelled, Failed, Notifier, Queued
+from services.jobs.handover import WarmPool
 from services.jobs.model import Job, JobState
 from services.jobs.pipeline import Deps, Pipeline, job_id_from_label
 from services.jobs.store import JobStore
@@ -82,6 +83,7 @@ class Worker:
         self._startups = asyncio.Semaphore(settings.max_concurrent_startups)
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
+        self._warm = WarmPool(self._take_queued, self._launch_warm, settings, store)  # issue 18
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self, *, recover: bool = True) -> None:
@@ -131,7 +133,26 @@ class Worker:
     def deps(self) -> Deps:
         if self.vast is None:
             raise RuntimeError("the worker is not started")
-        return Deps(self.settings, self.store, self.vast, self._storage, self.notifier, self._startups)
+        return Deps(self.settings, self.store, self.vast, self._storage, self.notifier, self._startups,
+                    warm=self._warm if self.settings.warm_reuse else None)
+
+    # --- warm handover (issue 18) ---------------------------------------------------------------
+    async def _take_queued(self, fits: Callable[[Job], bool]) -> Job | None:
+        """The first queued job that fits a warm machine, taken off the queue and leased to us."""
+        for job_id in list(self._pending):
+            job = await self.store.get(job_id)
+            if job is None or job_id not in self._pending or not fits(job):
+                continue
+            if not await self.store.claim(job_id, self.owner, self.settings.lease_s):
+                continue
+            self._dequeue(job_id)
+            return job
+        return None
+
+    def _launch_warm(self, job: Job) -> None:
+        if job.id not in self._running:
+            self._launch(job)
+        self._wake.set()
 
     # --- queue --------------------------------------------------------------------------------
     async def check_budget(self, job: Job) -> None:
@@ -211,6 +232,8 @@ class Worker:
             if len(self._running) >= limit:
                 return
             job = await self.store.get(job_id)
+            if job_id not in self._pending:
+                continue  # taken for a warm machine meanwhile
             if job is None or job.state != S.QUEUED:
                 self._dequeue(job_id)
                 continue
@@ -426,8 +449,13 @@ async def find_orphans(
     """
     now = now or time.time()
     orphans = []
+    # a machine being handed over carries the next job's label before that job records it (issue 18)
+    moving = {(j.instance_id, (j.measured.get("handover") or {}).get("label")) for j in await store.live()
+              if j.state.holds_instance and (j.measured.get("handover") or {}).get("label")}
     listed: list[int] = []
     for inst in await vast.list_instances():
+        if (inst.id, inst.label) in moving:
+            continue
         if inst.status == InstanceStatus.GONE:
             continue  # a destroyed contract the list still returns (cur_state "unloaded"): not billing
         listed.append(inst.id)

@@ -22,3 +22,7 @@ def test_demo_json_runs_a_whole_job_and_leaves_nothing_behind() -> None:
     assert summary["state"] == "succeeded" and summary["instances_left"] == 0
     assert summary["lora_url"].startswith("http://127.0.0.1:") and summary["cost_usd"] > 0
     assert "training" in p.stderr and "collecting" in p.stderr  # what the channel would show
+    # issue 18: the breakdown per phase, with a real download on the compressed clock
+    rows = {r["phase"]: r for r in summary["phases"]["phases"]}
+    assert rows["model_download"]["seconds"] > 0 and rows["create_to_running"]["seconds"] > 0
+    assert summary["phases"]["bytes_downloaded"] > 30e9 and "outside training" in summary["phase_line"]

@@ -10,6 +10,7 @@ the local Python as the box's Python, a probe that checks the trainer is there).
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -23,6 +24,7 @@ from services.ssh import Endpoint
 from tests.sim.sshd import SshdServer
 
 TRAINER_SRC = Path(__file__).parent / "trainer" / "run.py"
+HUB_SRC = Path(__file__).parent / "trainer" / "huggingface_hub.py"
 
 _FAKE_NVIDIA_SMI = """#!/bin/sh
 # lorabot sim: a single RTX 4090
@@ -56,9 +58,38 @@ class SimBox:
     def set_sec_per_step(self, seconds: float) -> None:
         (self.aitoolkit_dir / "sim_sec_per_step").write_text(f"{seconds}\n")
 
+    @property
+    def hf_home(self) -> Path:
+        return self.root / "hf"
+
+    def set_network(self, *, inet_down_mbps: float = 0.0, time_factor: float = 1.0, load_s: float = 0.0,
+                    cold_read_s: float = 0.0, fail_prefetch: bool = False) -> None:
+        """The box's real costs on a compressed clock (issue 18): model files take size / inet_down x
+        time_factor to download, load + quantize `load_s` (+ `cold_read_s` on a machine's first load,
+        before the weights are in its page cache); `fail_prefetch` makes the hub unreachable for the
+        prefetch (the trainer still gets its files)."""
+        (self.aitoolkit_dir / "sim_net.json").write_text(json.dumps(
+            {"inet_down_mbps": inet_down_mbps, "time_factor": time_factor, "load_s": load_s,
+             "cold_read_s": cold_read_s, "fail_prefetch": fail_prefetch}))
+
+    def fresh_machine(self, inet_down_mbps: float | None = None) -> None:
+        """A newly rented machine: an empty HF cache, at this offer's bandwidth."""
+        shutil.rmtree(self.hf_home, ignore_errors=True)
+        if inet_down_mbps is not None:
+            path = self.aitoolkit_dir / "sim_net.json"
+            knobs = json.loads(path.read_text()) if path.exists() else {}
+            knobs["inet_down_mbps"] = inet_down_mbps
+            path.write_text(json.dumps(knobs))
+
+    def downloads(self) -> list[str]:
+        """Files the hub really downloaded, on every machine so far (a warm cache adds none)."""
+        log = self.aitoolkit_dir / "sim_downloads.log"
+        return log.read_text().split("\n")[:-1] if log.exists() else []
+
     def settings_overrides(self) -> dict[str, Any]:
         return {
             "remote_root": str(self.remote_root),
+            "remote_hf_home": str(self.hf_home),
             "aitoolkit_dir": str(self.aitoolkit_dir),
             "remote_python": self.python,
             "ready_probe": self.probe,
@@ -84,6 +115,7 @@ def make_box(root: Path, *, python: str | None = None) -> SimBox:
     for d in (remote_root / "jobs", aitk, bin_dir):
         d.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(TRAINER_SRC, aitk / "run.py")
+    shutil.copyfile(HUB_SRC, aitk / "huggingface_hub.py")
     _git_repo(aitk)
     smi = bin_dir / "nvidia-smi"
     smi.write_text(_FAKE_NVIDIA_SMI)

@@ -22,6 +22,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -47,6 +48,11 @@ class Quirks:
     list_lag: int = 0  # a new instance shows in the v1 list only after this many list calls
     page_size: int = 25  # v1 list page size (the server's max is 25)
     loading_s: float = 0.3  # created -> loading -> running
+    # issue 18: the image pull takes image_gb / the offer's inet_down, times time_factor (a compressed
+    # clock), when that is longer than loading_s
+    image_gb: float = 0.0
+    time_factor: float = 1.0
+    label_fails: int = 0  # the next N label changes answer 500 (the API's "manage" endpoint erring)
     non_json_errors: bool = False  # error bodies in plain text
     # --- issue 14: what the real API does that the first emulator never did ---
     time_scale: float = 1.0  # every emulated delay below is multiplied by this (a compressed clock)
@@ -229,6 +235,8 @@ class VastEmulator:
         self._n_requests = 0
         self._n_lists = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        # called with the offer of every new rental (the simulator gives the box a fresh machine's state)
+        self.on_create: Callable[[dict[str, Any]], None] | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._ready = threading.Event()
@@ -416,9 +424,17 @@ class VastEmulator:
         if inst.fault == "oci_error":
             return "created"
         age = time.monotonic() - inst.created
-        if inst.fault == "never_ready" or age < self.quirks.loading_s / 2:
+        loading_s = max(self.quirks.loading_s, self.pull_s(inst.offer))
+        if inst.fault == "never_ready" or age < loading_s / 2:
             return "loading" if age > 0.05 else "created"
-        return "running" if age >= self.quirks.loading_s else "loading"
+        return "running" if age >= loading_s else "loading"
+
+    def pull_s(self, offer: dict[str, Any]) -> float:
+        """Seconds (compressed) the image pull takes on this offer's bandwidth."""
+        inet = float(offer.get("inet_down") or 0.0)
+        if not self.quirks.image_gb or inet <= 0:
+            return 0.0
+        return self.quirks.image_gb * 8e9 / (inet * 1e6) * self.quirks.time_factor
 
     def _visible(self, inst: _Inst) -> bool:
         """Live, or destroyed so recently that the API still returns the row (cur_state unloaded)."""
@@ -530,6 +546,8 @@ class VastEmulator:
             ssh_keys=[k["key"] for k in self.account_keys if k.get("deleted_at") is None],
         )
         self._instances[inst.id] = inst
+        if self.on_create is not None:
+            self.on_create(offer)
         return inst
 
     # --- handlers -----------------------------------------------------------------------------
@@ -660,6 +678,9 @@ class VastEmulator:
             if "label" in body:
                 if len(str(body["label"])) > 1024:
                     return self._error(400, "label_too_long", "label too long")
+                if self.quirks.label_fails > 0:
+                    self.quirks = replace(self.quirks, label_fails=self.quirks.label_fails - 1)
+                    return self._error(500, "server_error", "Internal server error")
                 inst.label = str(body["label"])
             if body.get("state") == "stopped":
                 inst.stopped = True

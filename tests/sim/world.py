@@ -77,6 +77,18 @@ class SimWorld:
         env = self.vast.container_env(instance_id)
         path.write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items()))
 
+    def model_costs(self, *, time_factor: float, image_gb: float = 12.0, load_s: float = 0.0,
+                    cold_read_s: float = 0.0, fail_prefetch: bool = False) -> None:
+        """Issue 18: real costs on a compressed clock. The image pull takes image_gb / the offer's
+        inet_down, the model's files their size / inet_down (both times `time_factor`), load +
+        quantize `load_s` (+ `cold_read_s` on a machine's first load); every new rental starts with an
+        empty model cache and page cache at its offer's bandwidth,
+        and a job on a machine handed over finds the model cached."""
+        self.vast.set_quirks(image_gb=image_gb, time_factor=time_factor)
+        self.box.set_network(time_factor=time_factor, load_s=load_s, cold_read_s=cold_read_s,
+                             fail_prefetch=fail_prefetch)
+        self.vast.on_create = lambda offer: self.box.fresh_machine(float(offer.get("inet_down") or 0.0))
+
     def settings(self, **extra: Any) -> Settings:
         return load_settings(**self.values(**extra))
 

@@ -20,7 +20,8 @@ Knobs (environment, or a `sim_fault` / `sim_sec_per_step` file next to this scri
                              host_fault@stepN (uncorrectable ECC error), host_hang@stepN (the same
                              error printed, then hung), repo_missing (no such repo),
                              hang_load (silent forever after "Loading transformer", like an old image
-                             downloading the base model), quiet_download (no download bars)
+                             downloading the base model), quiet_download (no download bars),
+                             once (the sim_fault file is removed: only this run fails)
 
 The console output follows the real trainer (issue 16, reviews/ai-toolkit.md S3-1): the training bar
 is a tqdm bar with smoothing 0.7 whose pause/unpause around saves and samples makes the next rate
@@ -76,6 +77,11 @@ def parse_faults(text: str) -> dict:
 
 
 FAULTS = parse_faults(_knob("LORABOT_SIM_FAULT", "sim_fault", ""))
+if "once" in FAULTS:  # the faults hit this run only (the next job on the box trains normally)
+    try:
+        os.remove(os.path.join(HERE, "sim_fault"))
+    except OSError:
+        pass
 SEC_PER_STEP = float(_knob("LORABOT_SIM_SEC_PER_STEP", "sim_sec_per_step", "0.02"))
 
 
@@ -312,6 +318,35 @@ def hang() -> None:
         time.sleep(3600)
 
 
+def load_model(model_path: str, bars: bool = True) -> None:
+    """What diffusers' from_pretrained costs on the box (issue 18): files missing from the HF cache are
+    downloaded (the stand-in hub next to this script times them by the box's bandwidth; a prefetch
+    under way holds the file locks, so this waits for it), then load + quantize take `load_s`, plus
+    `cold_read_s` for the first load on a machine (later ones read the weights from the page cache)."""
+    if os.path.isdir(model_path):
+        return
+    import huggingface_hub as hub  # the stand-in next to this script, as ai-toolkit's own env provides it
+
+    if bars and not float(hub.knobs().get("inet_down_mbps") or 0.0):
+        hf_download_bars()  # no bandwidth modelled: the real bars' format, at once
+
+    subfolders = ("transformer/", "scheduler/", "vae/", "tokenizer/", "tokenizer_2/", "text_encoder/",
+                  "text_encoder_2/")
+    for name, _size in hub.FLUX_FILES if model_path.startswith("black-forest-labs/FLUX.1") else ():
+        if name.startswith(subfolders) and not hub.try_to_load_from_cache(model_path, name):
+            hub.hf_hub_download(model_path, name, progress=bars)
+    knobs = hub.knobs()
+    load_s = float(knobs.get("load_s") or 0.0)
+    # the first load on a machine reads the weights from disk; later ones find them in the page cache
+    page_cache = os.path.join(os.path.dirname(hub._hub_dir()), "sim_page_cache")
+    if not os.path.exists(page_cache):
+        load_s += float(knobs.get("cold_read_s") or 0.0)
+    if load_s:
+        time.sleep(load_s)
+    with open(page_cache, "w") as fh:
+        fh.write("weights read once on this machine\n")
+
+
 def list_images(folder: str) -> list:
     found = []
     for root, dirs, files in os.walk(folder):
@@ -427,8 +462,7 @@ def run_job(config: dict) -> None:
         )
     if "hang_load" in FAULTS:
         hang()
-    if "quiet_download" not in FAULTS:
-        hf_download_bars()
+    load_model(model_path, bars="quiet_download" not in FAULTS)
     sleep = min(0.05, SEC_PER_STEP)
     for line in ("Quantizing transformer", "Loading VAE", "Loading T5", "Quantizing T5", "Loading CLIP",
                  "Making pipe", "Preparing Model"):
