@@ -1153,8 +1153,8 @@ class FakeDiscord:
             kind = 3
         return {"name": name, "type": kind, "value": value}
 
-    def _synced(self, name: str, *, dm: bool) -> dict[str, Any] | None:
-        scopes = ["global"] if dm else [str(self.guild_id), "global"]
+    def _synced(self, name: str, *, dm: bool, guild_id: int | None = None) -> dict[str, Any] | None:
+        scopes = ["global"] if dm else [str(guild_id or self.guild_id), "global"]
         with self._lock:
             for scope in scopes:
                 for cmd in self.commands.get(scope, []):
@@ -1163,12 +1163,12 @@ class FakeDiscord:
         return None
 
     def _typed_options(self, name: str, options: dict[str, Any], *, dm: bool, focused: str | None,
-                       attachments: Sequence[str]) -> list[dict[str, Any]]:
+                       attachments: Sequence[str], guild_id: int | None = None) -> list[dict[str, Any]]:
         """Options as a Discord client would send them: only for a synced command, typed from its
         definition, with required options, choices and ranges enforced (the client refuses otherwise)."""
         if not self.commands:  # nothing synced (a test that skips the sync): guess the types
             return [self._option(k, v) for k, v in options.items()]
-        cmd = self._synced(name, dm=dm)
+        cmd = self._synced(name, dm=dm, guild_id=guild_id)
         if cmd is None:
             raise ValueError(f"/{name} is not a synced command here; a Discord client cannot send it")
         defs = {o["name"]: o for o in cmd.get("options") or []}
@@ -1217,7 +1217,7 @@ class FakeDiscord:
         definition, as a Discord client does (ValueError otherwise).
         """
         opts = self._typed_options(name, dict(options or {}), dm=dm, focused=focused,
-                                   attachments=list(attachments or {}))
+                                   attachments=list(attachments or {}), guild_id=guild_id)
         if focused is not None:
             for o in opts:
                 if o["name"] == focused:
