@@ -55,7 +55,7 @@ def demo_dataset(n: int = 5, size: int = 320) -> bytes:
 
 
 async def _run(root: Path, out: Console, steps: int) -> dict[str, Any]:
-    from bot.cli.train import CliNotifier
+    from bot.cli.progress import CliNotifier
     from services.jobs import JobStore
     from services.jobs.intake import draft
     from services.jobs.worker import Worker
