@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_MODULES = ("vast", "dataset", "config", "ssh", "jobs", "train", "shell", "watch", "demo", "run")
+_MODULES = ("vast", "dataset", "config", "ssh", "jobs", "train", "shell", "watch", "setup", "demo", "run")
 
 for _name in _MODULES:
     importlib.import_module(f"bot.cli.{_name}").register(app)
