@@ -8,9 +8,10 @@ A check whose prerequisite failed is reported as not checked, so one mistake giv
 
 import importlib
 
+from services.doctor.core import REGISTRY, Check, CheckResult, Doctor, check, failed, passed, run_checks, warned
+
 # importing the modules registers their checks, in the order an operator sets things up
 for _module in ("local", "vast", "r2", "hf", "discord_api"):
     importlib.import_module(f"services.doctor.{_module}")
-from services.doctor.core import REGISTRY, Check, CheckResult, Doctor, check, failed, passed, run_checks, warned
 
 __all__ = ["REGISTRY", "Check", "CheckResult", "Doctor", "check", "failed", "passed", "run_checks", "warned"]

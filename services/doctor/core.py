@@ -104,13 +104,15 @@ async def _run_one(doc: Doctor, c: Check) -> list[CheckResult]:
     return results
 
 
-async def run_checks(doc: Doctor, *, local_only: bool = False,
+async def run_checks(doc: Doctor, *, local_only: bool = False, select: Callable[[str], bool] | None = None,
                      on_result: Callable[[CheckResult], None] | None = None) -> list[CheckResult]:
-    """Run the registered checks in order (each sees the results before it); close what they opened."""
+    """Run the registered checks in order (each sees the results before it); close what they opened.
+
+    `select` picks checks by name (with the checks whose facts they use: vast.* need vast.key)."""
     out: list[CheckResult] = []
     async with doc.stack:
         for c in REGISTRY:
-            if local_only and not c.local:
+            if (local_only and not c.local) or (select is not None and not select(c.name)):
                 continue
             results = await _run_one(doc, c)
             # the check's own name stands for all of its results (a per-guild check fails if one guild does)

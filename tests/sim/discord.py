@@ -130,6 +130,10 @@ class FakeDiscord:
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.token_lifetime_s = token_lifetime_s
         self.latency_s = latency_s
+        # what `lorabot doctor` reads (issue 17): the application's Public Bot flag, and the bot's
+        # permissions in the guild (None: the bot is not a member); an invite grants exactly these
+        self.bot_public = False
+        self.bot_permissions: int | None = _required_permissions()
 
         self.requests: list[dict[str, Any]] = []  # method, path, status, body (raw bytes)
         self.messages: dict[int, FakeMessage] = {}
@@ -226,6 +230,7 @@ class FakeDiscord:
         r.add_get(a + "/gateway/bot", self._gateway_bot)
         r.add_get(a + "/gateway", self._gateway_bot)
         r.add_get(a + "/users/@me", self._me)
+        r.add_get(a + "/users/@me/guilds", self._my_guilds)
         r.add_get(a + "/oauth2/applications/@me", self._app_info)
         r.add_get(a + "/applications/@me", self._app_info)
         r.add_put(a + "/applications/{app}/commands", self._put_commands)
@@ -396,9 +401,17 @@ class FakeDiscord:
     async def _me(self, request: web.Request) -> web.Response:
         return self._json(self._bot_user())
 
+    async def _my_guilds(self, request: web.Request) -> web.Response:
+        # partial guilds; `permissions` is the bot's total in the guild (roles, no channel overwrites)
+        if self.bot_permissions is None:
+            return self._json([])
+        return self._json([{"id": str(self.guild_id), "name": "fake guild", "icon": None, "banner": None,
+                            "owner": False, "permissions": str(self.bot_permissions), "features": [],
+                            "approximate_member_count": 3, "approximate_presence_count": 1}])
+
     async def _app_info(self, request: web.Request) -> web.Response:
         return self._json({
-            "id": str(self.app_id), "name": "lorabot", "description": "", "icon": None, "bot_public": False,
+            "id": str(self.app_id), "name": "lorabot", "description": "", "icon": None, "bot_public": self.bot_public,
             "bot_require_code_grant": False, "owner": self.user_json(1, "owner"), "verify_key": "00", "flags": 0,
             "team": None, "summary": "",
         })
@@ -853,6 +866,12 @@ class FakeDiscord:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"condition not met within {timeout}s")
             await asyncio.sleep(interval)
+
+
+def _required_permissions() -> int:
+    from bot.permissions import REQUIRED_PERMISSIONS
+
+    return REQUIRED_PERMISSIONS.value
 
 
 def _embed_len(e: dict[str, Any]) -> int:
