@@ -48,9 +48,10 @@ def missing_settings(s: Settings, *, discord: bool) -> list[str]:
 
 
 def min_free_bytes(s: Settings) -> int:
-    """Free disk intake needs: the largest dataset twice (the upload and its unpacked copy)."""
-    configured = getattr(s, "intake_min_free_bytes", None)
-    return int(configured) if configured else 2 * s.dataset_max_bytes
+    """Free disk intake needs: LORABOT_MIN_FREE_DISK_GB where the settings have it, else the largest
+    dataset twice (the upload and its unpacked copy)."""
+    configured = getattr(s, "min_free_disk_gb", None)
+    return int(float(configured) * GiB) if configured else 2 * s.dataset_max_bytes
 
 
 FILL = "fill them in .env (cp .env.example .env; README \"First run\" says where each comes from)"
