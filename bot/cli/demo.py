@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import io
+import os
 import sys
 import tempfile
 import time
@@ -26,13 +27,27 @@ from bot.cli.common import EXIT_INFRA, EXIT_NOT_READY, EXIT_OK, fail, print_json
 DEMO_STEPS = 40
 
 
-def _missing() -> str | None:
-    """What the simulator needs that this machine lacks, said plainly."""
+# test-only: "asyncssh" forces the in-process box even where sshd is installed
+BOX_ENV = "LORABOT_SIM_BOX"
+
+
+def box_server() -> str:
+    """Which SSH server plays the rented box: OpenSSH's sshd when installed, else asyncssh in-process."""
     from tests.sim.sshd import find_sshd
 
-    if find_sshd() is None:
-        return ("the demo runs a local OpenSSH server as the rented GPU box, and sshd is not installed: "
-                "apt-get install openssh-server (or set LORABOT_SIM_SSHD to its path)")
+    forced = os.environ.get(BOX_ENV, "").strip().lower()
+    if forced in ("sshd", "asyncssh"):
+        return forced
+    return "sshd" if find_sshd() is not None else "asyncssh"
+
+
+def _missing() -> str | None:
+    """What the simulator needs that this machine lacks, said plainly."""
+    if box_server() == "sshd":
+        from tests.sim.sshd import find_sshd
+
+        if find_sshd() is None:
+            return f"{BOX_ENV}=sshd but OpenSSH's sshd is not installed: apt-get install openssh-server"
     if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
         return "the demo stores the LoRA in a local S3 server: pip install 'moto[server]' (or pip install -e '.[dev]')"
     return None
@@ -62,7 +77,11 @@ async def _run(root: Path, out: Console, steps: int) -> dict[str, Any]:
     from services.vastai import VastClient
     from tests.sim.world import run_world
 
-    with run_world(root / "sim") as world:
+    server = box_server()
+    if server == "asyncssh":
+        out.print("note: the box is an asyncssh server in this process (OpenSSH's sshd is used when installed)",
+                  highlight=False, soft_wrap=True)
+    with run_world(root / "sim", box_server=server) as world:
         settings = world.settings()
         out.print(f"simulator up: Vast.ai emulator {world.vast.url}, box ssh {world.sshd.info.host}:"
                   f"{world.sshd.info.port}, S3 {world.s3.endpoint_url}")
