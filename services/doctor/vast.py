@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 from services.doctor.core import CheckResult, Doctor, check, failed, passed, warned
@@ -67,19 +69,28 @@ def _key_text(item: Any) -> str:
 
 @check("vast.ssh_key", needs=("vast.key", "ssh.key"))
 async def ssh_key_registered(doc: Doctor) -> CheckResult:
+    """Registered with the account, or registered now: lorabot would do it at the first rental anyway, and a
+    key that cannot be registered (a scoped or team API key) must be found before a machine bills."""
     client = await _client(doc)
     pub_path = f"{doc.settings.ssh_key_path}.pub"
-    public = open(pub_path).read().strip()  # noqa: ASYNC230  (a few hundred bytes, checked by ssh.key)
+    public = (await asyncio.to_thread(Path(pub_path).read_text)).strip()
     try:
         client.check_public_key(public)
+        body = await client.request("GET", "/api/v0/ssh/", "ssh")
+        items = body if isinstance(body, list) else (body.get("keys") or body.get("ssh_keys") or [])
+        wanted = " ".join(public.split()[:2])
+        if any(" ".join(_key_text(i).split()[:2]) == wanted for i in items if isinstance(items, list)):
+            return passed("the public key is registered with the account")
+        await client.ensure_ssh_key(public)
     except VastError as exc:
+        if exc.code == "team_ssh_keys_not_supported":
+            return failed("a team API key cannot register account SSH keys",
+                          f"add {pub_path} at https://cloud.vast.ai/manage-keys/ (SSH Keys), or use a personal API key")
+        if exc.status in (401, 403):
+            return failed(f"the API key may not read or add SSH keys ({exc})",
+                          f"give the key at {KEYS_URL} permission for SSH keys, or use a full-access key")
         return failed(f"{pub_path}: {exc}", f"ssh-keygen -y -f {doc.settings.ssh_key_path} > {pub_path}")
-    body = await client.request("GET", "/api/v0/ssh/", "ssh")
-    items = body if isinstance(body, list) else (body.get("keys") or body.get("ssh_keys") or [])
-    wanted = " ".join(public.split()[:2])
-    if any(" ".join(_key_text(i).split()[:2]) == wanted for i in items if isinstance(items, list)):
-        return passed("the public key is registered with the account")
-    return passed("the public key is valid; lorabot registers it with the account at the first rental")
+    return passed("the public key was not registered with the account: registered it now (free)")
 
 
 @check("vast.offers", needs=("vast.key",))

@@ -204,14 +204,25 @@ def test_vast_credit(stands: Stands) -> None:
 
 def test_vast_ssh_key_registration(stands: Stands) -> None:
     sel = lambda n: n.startswith("vast.") or n == "ssh.key"  # noqa: E731
-    assert "registers it" in doctor(sel)["vast.ssh_key"].detail
     pub = Path(stands.env()["VASTAI_SSH_KEY_PATH"] + ".pub").read_text().strip()
-    stands.vast.account_keys.append({"id": 1, "public_key": pub + " someone@laptop"})
     r = doctor(sel)["vast.ssh_key"]
     good(r)
-    assert "is registered" in r.detail
+    assert "registered it now" in r.detail and [k["public_key"] for k in stands.vast.account_keys] == [pub]
+    r = doctor(sel)["vast.ssh_key"]
+    good(r)
+    assert "is registered" in r.detail and len(stands.vast.account_keys) == 1  # never twice
     r = doctor(sel, VASTAI_SSH_KEY_PATH=str(stands.root / "missing"))["vast.ssh_key"]
     assert r.skipped and "fix `ssh.key` first" in _one_line(r)
+
+
+def test_vast_ssh_key_that_cannot_be_registered(stands: Stands) -> None:
+    sel = lambda n: n.startswith("vast.") or n == "ssh.key"  # noqa: E731
+    stands.vast.team_key = True
+    bad(doctor(sel)["vast.ssh_key"], fix="use a personal API key")
+    stands.vast.team_key = False
+    stands.vast.forbidden_paths.add("/api/v0/ssh/")
+    bad(doctor(sel)["vast.ssh_key"], fix="permission for SSH keys")
+    assert stands.vast.account_keys == []
 
 
 def test_vast_offers(stands: Stands) -> None:
@@ -313,3 +324,25 @@ def test_discord_commands(stands: Stands) -> None:
     assert "/train" in r.detail
     stands.discord.commands.clear()
     warn(doctor("discord.")[name], fix="`lorabot run` registers them")
+
+
+def test_r2_read_only_token_and_unservable_presigned_links(stands: Stands, s3_auth_server: S3Server) -> None:
+    """moto checking signatures: a read-only token fails the round trip; the full one passes it, and a
+    presigned GET (which this server cannot serve, it wants an Authorization header) fails as from outside."""
+    a = s3_auth_server
+    iam = boto3.client("iam", endpoint_url=a.endpoint_url, aws_access_key_id=a.access_key_id,
+                       aws_secret_access_key=a.secret_access_key, region_name="us-east-1")
+    user = "reader-" + os.urandom(4).hex()
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="read", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetObject"],
+                                                "Resource": "*"}]}))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    r = doctor("r2.", R2_ENDPOINT_URL=a.endpoint_url, R2_BUCKET=a.bucket, R2_ACCESS_KEY_ID=key["AccessKeyId"],
+               R2_SECRET_ACCESS_KEY=key["SecretAccessKey"])
+    good(r["r2.bucket"])
+    bad(r["r2.roundtrip"], fix="Object Read & Write")
+    r = doctor("r2.", R2_ENDPOINT_URL=a.endpoint_url, R2_BUCKET=a.bucket, R2_ACCESS_KEY_ID=a.access_key_id,
+               R2_SECRET_ACCESS_KEY=a.secret_access_key)
+    good(r["r2.roundtrip"])
+    bad(r["r2.presigned"], fix="R2_ENDPOINT_URL")
