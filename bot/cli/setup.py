@@ -93,7 +93,10 @@ def doctor(
     except SettingsError as exc:
         results = [CheckResult(False, str(exc), "correct it in .env (see .env.example)", name="settings.load")]
     else:
-        results = asyncio.run(_checks(s, local_only=False, show=not as_json))
+        try:
+            results = asyncio.run(_checks(s, local_only=False, show=not as_json))
+        except KeyboardInterrupt:
+            fail("interrupted; nothing was changed", 130)
     ok = all(r.ok for r in results)
     if as_json:
         print_json({"ok": ok, "checks": [r.doc() for r in results]})

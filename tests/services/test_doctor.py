@@ -68,6 +68,8 @@ class Stands:
             "HF_TOKEN": HF, "HF_ENDPOINT": self.hub.url,
             "LORABOT_DB_PATH": str(self.root / "data" / "lorabot.sqlite3"),
             "LORABOT_WORK_DIR": str(self.root / "data" / "work"),
+            # the disk check must not depend on the test machine's free space
+            "LORABOT_DATASET_MAX_BYTES": str(64 * 2**20), "LORABOT_MIN_FREE_DISK_GB": "0.1",
         }
 
 
