@@ -51,7 +51,7 @@ def min_free_bytes(s: Settings) -> int:
     """Free disk intake needs: LORABOT_MIN_FREE_DISK_GB where the settings have it, else the largest
     dataset twice (the upload and its unpacked copy)."""
     configured = getattr(s, "min_free_disk_gb", None)
-    return int(float(configured) * GiB) if configured else 2 * s.dataset_max_bytes
+    return int(float(configured) * GiB) if configured is not None else 2 * s.dataset_max_bytes
 
 
 FILL = "fill them in .env (cp .env.example .env; README \"First run\" says where each comes from)"

@@ -162,7 +162,8 @@ def test_paths_and_store(stands: Stands) -> None:
 
 def test_disk(stands: Stands) -> None:
     good(doctor(lambda n: n in ("settings.paths", "disk"))["disk"])
-    r = doctor(lambda n: n in ("settings.paths", "disk"), LORABOT_DATASET_MAX_BYTES=str(10**18))
+    r = doctor(lambda n: n in ("settings.paths", "disk"), LORABOT_DATASET_MAX_BYTES=str(10**18),
+               LORABOT_MIN_FREE_DISK_GB=str(10**9))
     bad(r["disk"], fix="LORABOT_WORK_DIR")
 
 
