@@ -1,7 +1,10 @@
 """The `lorabot` command line: one typer app, with commands grouped by domain in sibling modules.
 
 Each module exposes `register(app)`; this keeps front-end code thin and lets every domain own its
-commands (vast: offers/rent/..., dataset, config, jobs: train/launch/status/..., demo, run).
+commands, grouped by what the operator does: vast (offers/rent/...), dataset, config, ssh (push-dataset),
+jobs (jobs/reconcile), train (train/launch, driven by foreground.py with progress.py's notifier),
+shell (ssh into a job's box), watch (status/cancel/logs), setup (doctor/invite), demo, run. jobkit.py
+holds what the job commands share.
 """
 
 from __future__ import annotations
