@@ -112,9 +112,13 @@ class AsyncsshBox:
 
         async def pump(src: asyncio.StreamReader, dst: asyncssh.SSHWriter[bytes]) -> None:
             while chunk := await src.read(CHUNK):
-                with contextlib.suppress(asyncssh.Error, OSError):
+                try:
                     dst.write(chunk)
                     await dst.drain()
+                except (asyncssh.Error, OSError):  # the client went away: as sshd closing the pipes (SIGPIPE)
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.terminate()
+                    return
 
         feeder = asyncio.ensure_future(feed())
         try:
