@@ -1,5 +1,6 @@
-# lorabot: the Discord bot (`python -m bot`). Build: docker build -t lorabot .
-# Run:   docker run --env-file .env -v lorabot-data:/data -v ~/.ssh/lorabot:/keys:ro lorabot
+# lorabot: the Discord bot (`python -m bot`). Build: docker build -t lorabot .  (or: docker compose, compose.yaml)
+# Run:   docker run --env-file .env -v lorabot-data:/data -v ./keys:/keys:ro -e VASTAI_SSH_KEY_PATH=/keys/lorabot lorabot
+# Try:   docker run --rm lorabot lorabot demo   (the simulator: no account, no sshd needed)
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -25,7 +26,8 @@ COPY cogs ./cogs
 COPY services ./services
 COPY tests/__init__.py ./tests/__init__.py
 COPY tests/sim ./tests/sim
-RUN pip install . && pip check
+# [demo]: moto's S3 server, so that `lorabot demo` runs in the image (its box is asyncssh in-process)
+RUN pip install ".[demo]" && pip check
 
 USER lorabot
 VOLUME ["/data"]

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
         extra="ignore",
         populate_by_name=True,
         case_sensitive=False,
+        # issue 17: `VAR=` (as in .env.example) means "not set": the default applies
+        env_ignore_empty=True,
     )
 
     # --- Vast.ai -----------------------------------------------------------------------------

@@ -701,6 +701,27 @@ class Storage:
 
         await self._run(f"abort multipart {m.key}", _abort)
 
+    # --- for `lorabot doctor` (issue 17) ---------------------------------------------------------
+
+    async def presigned_get(self, key: str, expires_s: int = 300) -> str:
+        """A presigned GET URL even when R2_PUBLIC_BASE_URL is set (link() prefers the public URL)."""
+        return await self._run(f"presign {key}", self._client.generate_presigned_url, "get_object",
+                               Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=clamp_expiry(expires_s))
+
+    async def visible_buckets(self) -> list[str] | None:
+        """The buckets these keys can list; None when listing is denied (a bucket-scoped token)."""
+
+        def _list() -> list[str] | None:
+            try:
+                return [b["Name"] for b in self._client.list_buckets().get("Buckets", [])]
+            except ClientError as exc:
+                code, status = _error_code(exc)
+                if code == "AccessDenied" or status in (401, 403):
+                    return None
+                raise
+
+        return await self._run("list buckets", _list)
+
 
 def _guess_type(key: str) -> str:
     if key.endswith(".safetensors"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import io
+import os
 import sys
 import tempfile
 import time
@@ -27,13 +28,27 @@ DEMO_STEPS = 40
 DEMO_TIME_FACTOR = 0.0005  # the simulated clock: 2000 real seconds take one
 
 
-def _missing() -> str | None:
-    """What the simulator needs that this machine lacks, said plainly."""
+# test-only: "asyncssh" forces the in-process box even where sshd is installed
+BOX_ENV = "LORABOT_SIM_BOX"
+
+
+def box_server() -> str:
+    """Which SSH server plays the rented box: OpenSSH's sshd when installed, else asyncssh in-process."""
     from tests.sim.sshd import find_sshd
 
-    if find_sshd() is None:
-        return ("the demo runs a local OpenSSH server as the rented GPU box, and sshd is not installed: "
-                "apt-get install openssh-server (or set LORABOT_SIM_SSHD to its path)")
+    forced = os.environ.get(BOX_ENV, "").strip().lower()
+    if forced in ("sshd", "asyncssh"):
+        return forced
+    return "sshd" if find_sshd() is not None else "asyncssh"
+
+
+def _missing() -> str | None:
+    """What the simulator needs that this machine lacks, said plainly."""
+    if box_server() == "sshd":
+        from tests.sim.sshd import find_sshd
+
+        if find_sshd() is None:
+            return f"{BOX_ENV}=sshd but OpenSSH's sshd is not installed: apt-get install openssh-server"
     if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
         return "the demo stores the LoRA in a local S3 server: pip install 'moto[server]' (or pip install -e '.[dev]')"
     return None
@@ -56,14 +71,18 @@ def demo_dataset(n: int = 5, size: int = 320) -> bytes:
 
 
 async def _run(root: Path, out: Console, steps: int) -> dict[str, Any]:
-    from bot.cli.train import CliNotifier
+    from bot.cli.progress import CliNotifier
     from services.jobs import JobStore, phases
     from services.jobs.intake import draft
     from services.jobs.worker import Worker
     from services.vastai import VastClient
     from tests.sim.world import run_world
 
-    with run_world(root / "sim") as world:
+    server = box_server()
+    if server == "asyncssh":
+        out.print("note: the box is an asyncssh server in this process (OpenSSH's sshd is used when installed)",
+                  highlight=False, soft_wrap=True)
+    with run_world(root / "sim", box_server=server) as world:
         # a real job's costs (12 GB image, 34 GB of weights at the offer's bandwidth, load + quantize)
         # on a clock compressed 2000x, so the phase breakdown shows where the time goes
         world.model_costs(time_factor=DEMO_TIME_FACTOR, image_gb=12.0, load_s=240 * DEMO_TIME_FACTOR)

@@ -1,4 +1,4 @@
-"""Job commands: jobs, reconcile (train/launch/ssh/status/cancel/logs live in bot/cli/train.py)."""
+"""Job commands: jobs, reconcile (train/launch: train.py; ssh: shell.py; status/cancel/logs: watch.py)."""
 
 from __future__ import annotations
 

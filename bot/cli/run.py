@@ -53,6 +53,9 @@ async def serve(settings: Settings, bot: LoraBot | None = None) -> None:
 def main() -> None:
     """Entry point of `python -m bot`."""
     settings = load()
+    from bot.cli.setup import preflight
+
+    preflight(settings)  # the fast local checks of `lorabot doctor`; a critical failure ends here
     import discord  # here, not at import: every other `lorabot` command starts faster
 
     discord.utils.setup_logging(level=logging.INFO)

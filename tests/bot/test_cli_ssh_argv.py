@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bot.cli.train import ssh_argv, write_known_hosts
+from bot.cli.shell import ssh_argv, write_known_hosts
 from services.jobs import Job
 from services.openssh import HOST_ALIAS
 from services.settings import load_settings

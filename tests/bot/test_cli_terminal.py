@@ -7,7 +7,7 @@ import pytest
 import typer
 
 from bot.cli import common
-from bot.cli.train import _emit_log
+from bot.cli.watch import _emit_log
 
 
 def test_logs_strip_escape_sequences(capsys: pytest.CaptureFixture[str]) -> None:

@@ -165,6 +165,10 @@ class FakeDiscord:
         self.other_guilds = list(other_guilds)  # guilds the bot is already in at READY (not the operator's)
         self.left_guilds: list[int] = []  # DELETE /users/@me/guilds/{id}
         self.cdn_latency_s = 0.0  # a slow attachment download
+        # what `lorabot doctor` reads (issue 17): the application's Public Bot flag, and the bot's
+        # permissions in the guild (None: the bot is not a member); an invite grants exactly these
+        self.bot_public = False
+        self.guild_permissions: int | None = _required_permissions()
 
         self.requests: list[dict[str, Any]] = []  # method, path, status, body (raw bytes)
         self.messages: dict[int, FakeMessage] = {}
@@ -279,6 +283,7 @@ class FakeDiscord:
         r.add_get(a + "/users/@me", self._me)
         r.add_post(a + "/users/@me/channels", self._open_dm)
         r.add_get(a + "/users/{uid}", self._get_user)
+        r.add_get(a + "/users/@me/guilds", self._my_guilds)
         r.add_get(a + "/oauth2/applications/@me", self._app_info)
         r.add_get(a + "/applications/@me", self._app_info)
         r.add_put(a + "/applications/{app}/commands", self._put_commands)
@@ -645,9 +650,18 @@ class FakeDiscord:
             cid = self.dm_channels.setdefault(user_id, self.snowflake())
         return self._json(self.channel_json(cid))
 
+    async def _my_guilds(self, request: web.Request) -> web.Response:
+        # partial guilds; `permissions` is the bot's total in the guild (roles, no channel overwrites)
+        if self.guild_permissions is None:
+            return self._json([])
+        return self._json([{"id": str(gid), "name": "fake guild" if gid == self.guild_id else f"other guild {gid}",
+                            "icon": None, "banner": None, "owner": False, "permissions": str(self.guild_permissions),
+                            "features": [], "approximate_member_count": 3, "approximate_presence_count": 1}
+                           for gid in [self.guild_id, *self.other_guilds] if gid not in self.left_guilds])
+
     async def _app_info(self, request: web.Request) -> web.Response:
         return self._json({
-            "id": str(self.app_id), "name": "lorabot", "description": "", "icon": None, "bot_public": False,
+            "id": str(self.app_id), "name": "lorabot", "description": "", "icon": None, "bot_public": self.bot_public,
             "bot_require_code_grant": False, "owner": self.user_json(1, "owner"), "verify_key": "00", "flags": 0,
             "team": None, "summary": "",
         })
@@ -1294,6 +1308,12 @@ class FakeDiscord:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"condition not met within {timeout}s")
             await asyncio.sleep(interval)
+
+
+def _required_permissions() -> int:
+    from bot.permissions import REQUIRED_PERMISSIONS
+
+    return REQUIRED_PERMISSIONS.value
 
 
 def _embed_len(e: dict[str, Any]) -> int:

@@ -225,6 +225,10 @@ class VastEmulator:
         self.offers = offers if offers is not None else make_offers()
         self.credit = credit
         self.account_keys: list[dict[str, Any]] = []
+        # reference §1 "Scoped keys": a key lacking a permission gets 401/403 on those paths;
+        # §6: a team-scoped key cannot create account SSH keys (400 team_ssh_keys_not_supported)
+        self.forbidden_paths: set[str] = set()
+        self.team_key = False
         self.requests: list[dict[str, Any]] = []  # method, path, query, authorized
         self.creates: list[dict[str, Any]] = []  # every create body, with its offer_id
         self.url = ""
@@ -416,6 +420,9 @@ class VastEmulator:
         if auth != f"Bearer {self.api_key}":
             status = 404 if self.quirks.auth_404 else 401
             return self._json({"success": False, "error": "auth_error", "msg": "Invalid user key"}, status=status)
+        if any(request.path.startswith(p) for p in self.forbidden_paths):
+            return self._json({"success": False, "error": "forbidden",
+                               "msg": "API key does not have permission for this endpoint"}, status=403)
         return await handler(request)
 
     def _status_of(self, inst: _Inst) -> str:
@@ -693,6 +700,8 @@ class VastEmulator:
     async def _ssh_add(self, request: web.Request) -> web.Response:
         body = await request.json()
         key = str(body.get("ssh_key") or "")
+        if self.team_key:
+            return self._error(400, "team_ssh_keys_not_supported", "Team API keys cannot create SSH keys")
         if not key.startswith(("ssh-", "ecdsa-", "sk-")):
             # the real API once accepted a path as a key; the emulator is stricter so tests notice
             return self._error(400, "invalid_args", "not an ssh public key")

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from services.settings import Settings, load_settings
+from tests.sim.asyncssh_box import AsyncsshBox, run_asyncssh_box
 from tests.sim.box import SimBox, make_box
 from tests.sim.s3 import S3Server, run_s3_server
-from tests.sim.sshd import SshdServer, run_sshd
+from tests.sim.sshd import SshdServer, find_sshd, run_sshd
 from tests.sim.vast import Quirks, VastEmulator
 
 HF_TOKEN = "hf_simulated_token_0123456789"
@@ -28,7 +29,7 @@ HF_TOKEN = "hf_simulated_token_0123456789"
 @dataclass
 class SimWorld:
     root: Path
-    sshd: SshdServer
+    sshd: SshdServer | AsyncsshBox  # OpenSSH's sshd; the asyncssh box only where sshd is missing (the demo)
     box: SimBox
     vast: VastEmulator
     s3: S3Server
@@ -101,14 +102,24 @@ class SimWorld:
 
 @contextlib.contextmanager
 def run_world(
-    root: Path | str | None = None, *, quirks: Quirks | None = None, sec_per_step: float = 0.02
+    root: Path | str | None = None, *, quirks: Quirks | None = None, sec_per_step: float = 0.02,
+    box_server: str = "sshd",
 ) -> Iterator[SimWorld]:
-    """Start sshd, the box, the Vast.ai emulator and S3; stop them all on exit."""
+    """Start sshd, the box, the Vast.ai emulator and S3; stop them all on exit.
+
+    `box_server`: "sshd" (OpenSSH, what the tests use), "asyncssh" (in-process, tests/sim/asyncssh_box.py),
+    or "auto" (sshd when installed, else asyncssh: `lorabot demo`)."""
+    if box_server == "auto":
+        box_server = "sshd" if find_sshd() is not None else "asyncssh"
     with contextlib.ExitStack() as stack:
         if root is None:
             root = stack.enter_context(tempfile.TemporaryDirectory(prefix="lorabot-sim-"))
         root = Path(root)
-        sshd = stack.enter_context(run_sshd(root / "sim", user=getpass.getuser()))
+        sshd: SshdServer | AsyncsshBox
+        if box_server == "asyncssh":
+            sshd = stack.enter_context(run_asyncssh_box(root / "sim", user=getpass.getuser()))
+        else:
+            sshd = stack.enter_context(run_sshd(root / "sim", user=getpass.getuser()))
         box = make_box(sshd.info.root_dir)
         box.set_sec_per_step(sec_per_step)
         vast = stack.enter_context(
