@@ -70,6 +70,7 @@ READINESS_LABELS: dict[str, str] = {
     "uploaded": "dataset verified on the machine",
     "resuming": "resuming from a checkpoint",
     "launched": "trainer started",
+    "prefetching": "base model prefetch",
     "downloading": "base model download",
     "downloading_model": "base model download",
     "loading": "loading the base model",
@@ -94,6 +95,13 @@ FAILURE_ADVICE: dict[str, str] = {
     "stalled": "The trainer stopped making progress (not your doing): run /train again.",
     "stall": "The trainer stopped making progress (not your doing): run /train again.",
     "infra": "The rented machine failed (not your doing): run /train again.",
+    "model_not_found": "The base model's repository does not exist: tell the operator (a typo in the recipe?).",
+    "host_fault": "The rented GPU or its driver failed (not your doing): run /train again.",
+    "nan_loss": "The loss became NaN and the LoRA would be ruined: try a lower `learning_rate`.",
+    "budget": "The daily budget is used up: try again tomorrow (UTC) or ask an admin.",
+    "max_runtime": "The job ran past the time limit and was stopped: try fewer `steps`.",
+    "max_cost": "The job reached the cost cap and was stopped: try fewer `steps` or a lower `rank`.",
+    "no_offers": "No GPU matched the limits right now: try again later or a higher `max_price`.",
 }
 
 
