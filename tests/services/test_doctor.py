@@ -210,7 +210,7 @@ def test_vast_ssh_key_registration(stands: Stands) -> None:
     pub = Path(stands.env()["VASTAI_SSH_KEY_PATH"] + ".pub").read_text().strip()
     r = doctor(sel)["vast.ssh_key"]
     good(r)
-    assert "registered it now" in r.detail and [k["public_key"] for k in stands.vast.account_keys] == [pub]
+    assert "registered it now" in r.detail and [k["key"] for k in stands.vast.account_keys] == [pub]
     r = doctor(sel)["vast.ssh_key"]
     good(r)
     assert "is registered" in r.detail and len(stands.vast.account_keys) == 1  # never twice
