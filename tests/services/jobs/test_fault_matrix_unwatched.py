@@ -71,9 +71,11 @@ async def until(store: JobStore, job_id: str, ok: Any, timeout: float = 90) -> J
         await asyncio.sleep(0.05)
 
 
-async def test_a_hung_box_command_is_an_infrastructure_failure(uworld: SimWorld, tmp_path: Path) -> None:
-    """The supervisor's status read hangs once: the command times out, the job gets its one retry."""
-    python, flag = hanging_python(tmp_path, once=True, hang_s=30)
+@pytest.mark.parametrize("command", ["supervisor.py status", "prefetch.py status"])
+async def test_a_hung_box_command_is_an_infrastructure_failure(uworld: SimWorld, tmp_path: Path, command: str) -> None:
+    """The supervisor's status read (or the model prefetch's, before training) hangs once: the command
+    times out, the job gets its one retry."""
+    python, flag = hanging_python(tmp_path, once=True, hang_s=30, command=command)
     flag.touch()
     uworld.box.set_sec_per_step(0.03)
     settings = uworld.settings(db_path=str(tmp_path / "jobs.sqlite3"), work_dir=str(tmp_path / "work"),
