@@ -571,6 +571,8 @@ class Pipeline:
         try:
             await prefetcher.start(remote.box, self._remote_dir(job), self.s, repo)
             await self._emit(job, Readiness("prefetching", f"{repo} into the box's model cache"))
+        except CommandTimeout:
+            raise  # the box hangs commands: `_remote_call` makes that the job's infrastructure retry
         except (SSHError, OSError) as exc:
             log.warning("job %s: model prefetch not started (%s); the trainer downloads it", job.id, exc)
 
@@ -582,10 +584,13 @@ class Pipeline:
         last_progress, last_bytes, last_note = time.monotonic(), -1, 0.0
         while True:
             await self._check_cancel()
+            # a hung status read, SSH lost for good or a machine gone is the machine's failure (raised
+            # by `_remote_call` as a JobFailure): never swallowed here, or the job would go on, or wait,
+            # on a box that stopped answering
             try:
                 doc = await self._remote_call(job, "prefetch status",
                                               lambda r: prefetcher.status(r.box, self._remote_dir(job), self.s))
-            except (SSHError, JobFailure) as exc:
+            except SSHError as exc:
                 log.info("job %s: no prefetch status: %s", job.id, exc)
                 return job
             if doc.get("state") != "running":

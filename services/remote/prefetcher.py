@@ -1,7 +1,9 @@
 """The bot's side of the model prefetch (issue 18): ship `prefetch.py`, start it detached, read its status.
 
-The prefetch only ever saves time: every error here is logged by the caller and the job goes on (the
-trainer then downloads the model itself).
+The prefetch only ever saves time: a failed prefetch is logged by the caller and the job goes on (the
+trainer then downloads the model itself). A command that hangs is the box's fault, not the prefetch's:
+each is bounded by the box command timeout (LORABOT_BOX_COMMAND_TIMEOUT_S, at most 60 s) and its
+CommandTimeout makes the job's infrastructure retry, as any other hung box command does.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ async def start(box: Box, job_dir: str, settings: Settings, repo: str) -> dict[s
         argv += ["--hf-home", settings.remote_hf_home]
     token = settings.hf_token.get_secret_value() if settings.hf_token else ""
     # the token travels on stdin: never in argv (visible in ps) nor in a file of its own
-    res = await box.run(argv, input=token + "\n", timeout=60)
+    res = await box.run(argv, input=token + "\n", timeout=_bound(box))
     return _parse(res.stdout)
 
 
@@ -50,8 +52,13 @@ async def status(box: Box, job_dir: str, settings: Settings) -> dict[str, Any]:
     script = posixpath.join(job_dir, "prefetch.py")
     res = await box.run(["sh", "-c", '[ -f "$1" ] || { echo \'{"state": "absent"}\'; exit 0; }; '
                          'exec "$2" "$1" status --job-dir "$3"', "sh", script, settings.remote_python, job_dir],
-                        check=False, timeout=60)
+                        check=False, timeout=_bound(box))
     return _parse(res.stdout)
+
+
+def _bound(box: Box) -> float:
+    """One prefetch command: it only starts a detached process or reads a small file."""
+    return min(60.0, box.command_timeout)
 
 
 def _parse(stdout: str) -> dict[str, Any]:

@@ -33,15 +33,18 @@ def uworld(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimWorld]:
         yield w
 
 
-def hanging_python(tmp: Path, *, once: bool, hang_s: int, command: str = "status") -> tuple[str, Path]:
-    """The box's Python, except that `supervisor.py <command>` blocks while a flag file exists: what a
-    stalled disk or a wedged process does to a command while sshd keeps answering."""
+def hanging_python(tmp: Path, *, once: bool, hang_s: int,
+                   command: str = "supervisor.py status") -> tuple[str, Path]:
+    """The box's Python, except that `<script> <command>` (the supervisor's status read unless told)
+    blocks while a flag file exists: what a stalled disk or a wedged process does to a command while
+    sshd keeps answering. The script is named: the supervisor is not the box's only Python script with
+    a `status` command (issue 18's model prefetch has one)."""
     flag = tmp / "hang"
     wrapper = tmp / "python-on-a-hung-box"
     forget = f'rm -f "{flag}"; ' if once else ""
     wrapper.write_text(
         "#!/bin/sh\n"
-        f'case " $* " in *" {command} "*) if [ -f "{flag}" ]; then {forget}exec sleep {hang_s}; fi;; esac\n'
+        f'case " $* " in *"/{command} "*) if [ -f "{flag}" ]; then {forget}exec sleep {hang_s}; fi;; esac\n'
         f'exec "{sys.executable}" "$@"\n'
     )
     wrapper.chmod(0o755)
@@ -68,9 +71,11 @@ async def until(store: JobStore, job_id: str, ok: Any, timeout: float = 90) -> J
         await asyncio.sleep(0.05)
 
 
-async def test_a_hung_box_command_is_an_infrastructure_failure(uworld: SimWorld, tmp_path: Path) -> None:
-    """The supervisor's status read hangs once: the command times out, the job gets its one retry."""
-    python, flag = hanging_python(tmp_path, once=True, hang_s=30)
+@pytest.mark.parametrize("command", ["supervisor.py status", "prefetch.py status"])
+async def test_a_hung_box_command_is_an_infrastructure_failure(uworld: SimWorld, tmp_path: Path, command: str) -> None:
+    """The supervisor's status read (or the model prefetch's, before training) hangs once: the command
+    times out, the job gets its one retry."""
+    python, flag = hanging_python(tmp_path, once=True, hang_s=30, command=command)
     flag.touch()
     uworld.box.set_sec_per_step(0.03)
     settings = uworld.settings(db_path=str(tmp_path / "jobs.sqlite3"), work_dir=str(tmp_path / "work"),
@@ -229,7 +234,7 @@ async def test_a_cancel_while_a_box_command_hangs_still_destroys(uworld: SimWorl
 async def test_a_limit_stop_that_fails_on_the_box_is_never_a_retry(uworld: SimWorld, tmp_path: Path) -> None:
     """M4: the trainer stalls, and the stop command then hangs on the box. The job fails as stalled,
     on its first machine, destroyed: no second rental."""
-    python, flag = hanging_python(tmp_path, once=False, hang_s=30, command="stop")
+    python, flag = hanging_python(tmp_path, once=False, hang_s=30, command="supervisor.py stop")
     flag.touch()
     uworld.box.set_sec_per_step(0.03)
     uworld.box.set_fault("hang@step5")
