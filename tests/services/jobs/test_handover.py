@@ -15,6 +15,7 @@ import pytest
 from services.jobs import JobState, JobStore
 from services.jobs.intake import decline, draft
 from services.jobs.model import Job
+from services.jobs.pipeline import label_for
 from services.jobs.worker import Worker, find_orphans
 from services.vastai import VastClient
 from tests.services.jobs.conftest import Recorder, dataset_zip
@@ -184,18 +185,20 @@ async def test_a_restart_during_the_handover_destroys_the_machine(world: SimWorl
 
 async def test_the_reaper_spares_a_machine_whose_label_moved_mid_handover(world: SimWorld) -> None:
     settings = world.settings()
-    prefix = settings.label_prefix
     async with JobStore(settings.db_path) as store:
         holder = await store.create(Job(user_id="u"))
         await store.transition(holder.id, JobState.QUEUED, "x")
         nxt = await store.create(Job(user_id="v"))
         await store.transition(nxt.id, JobState.QUEUED, "x")
+        # labels carry this installation's id (issue 13): the reaper never looks at anyone else's
+        nxt_label = label_for(settings, nxt, 1, store.install_id)
         # the machine already carries the next job's label; the next job has not recorded it yet
-        inst = world.vast.rent_outside(f"{prefix}{nxt.id}")
-        await store.transition(holder.id, JobState.RENTING, "x", label=f"{prefix}{holder.id}", instance_id=inst)
+        inst = world.vast.rent_outside(nxt_label)
+        await store.transition(holder.id, JobState.RENTING, "x", label=label_for(settings, holder, 1, store.install_id),
+                               instance_id=inst)
         async with VastClient.from_settings(settings) as vast:
             assert [i.id for i in await find_orphans(store, settings, vast)] == [inst]  # no intent: an orphan
-            await store.update(holder.id, measured={"handover": {"to": nxt.id, "label": f"{prefix}{nxt.id}",
+            await store.update(holder.id, measured={"handover": {"to": nxt.id, "label": nxt_label,
                                                                  "step": "relabel"}})
             assert await find_orphans(store, settings, vast) == []
         async with VastClient.from_settings(settings) as vast:
@@ -223,19 +226,19 @@ async def test_a_restart_after_the_next_job_took_the_machine_rolls_forward(world
     """The process died between step 4 (the next job holds the machine) and step 5 (closing the old
     job): the restart closes the old job and leaves the machine, relabelled, to the next one."""
     settings = world.settings(**WARM)
-    prefix = settings.label_prefix
     async with JobStore(settings.db_path) as store:
         a = await store.create(Job(user_id="u1"))
         b = await store.create(Job(user_id="u2"))
-        inst = world.vast.rent_outside(f"{prefix}{a.id}")
+        a_label, b_label = (label_for(settings, j, 1, store.install_id) for j in (a, b))
+        inst = world.vast.rent_outside(a_label)
         for state in (JobState.QUEUED, JobState.RENTING, JobState.WAITING_READY, JobState.UPLOADING,
                       JobState.TRAINING, JobState.COLLECTING):
-            await store.transition(a.id, state, "x", label=f"{prefix}{a.id}", instance_id=inst, dph_total=0.4,
+            await store.transition(a.id, state, "x", label=a_label, instance_id=inst, dph_total=0.4,
                                    rented_at=1000.0)
         await store.update(a.id, lora_url="http://r2/lora", host_key="ssh-ed25519 AAAA",
-                           measured={"handover": {"to": b.id, "label": f"{prefix}{b.id}", "step": "relabel"}})
+                           measured={"handover": {"to": b.id, "label": b_label, "step": "relabel"}})
         await store.transition(b.id, JobState.QUEUED, "x")
-        await store.transition(b.id, JobState.UPLOADING, "warm machine", label=f"{prefix}{b.id}", instance_id=inst,
+        await store.transition(b.id, JobState.UPLOADING, "warm machine", label=b_label, instance_id=inst,
                                dph_total=0.4, rented_at=2000.0)
         assert await store.claim(b.id, "another-live-process", 600)  # b is driven elsewhere
         worker = Worker(store, settings, Recorder(), reaper=False)
@@ -246,7 +249,7 @@ async def test_a_restart_after_the_next_job_took_the_machine_rolls_forward(world
             await worker.stop()
         assert a.state == JobState.SUCCEEDED and a.instance_gone_at == 2000.0  # a paid up to the handover
         (live,) = world.vast.live_instances()
-        assert live["id"] == inst and live["label"] == f"{prefix}{b.id}"  # not destroyed: b's now
+        assert live["id"] == inst and live["label"] == b_label  # not destroyed: b's now
         async with VastClient.from_settings(settings) as vast:
             assert await find_orphans(store, settings, vast) == []
             await vast.destroy_instance(inst)
