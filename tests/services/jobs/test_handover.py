@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,37 @@ async def test_the_reaper_spares_a_machine_whose_label_moved_mid_handover(world:
                                                                  "step": "relabel"}})
             assert await find_orphans(store, settings, vast) == []
         async with VastClient.from_settings(settings) as vast:
+            await vast.destroy_instance(inst)
+
+
+async def test_the_reaper_spares_a_label_moved_while_it_lists_and_reaps_it_once_let_go(world: SimWorld) -> None:
+    """A handover that writes its intent and relabels while the reaper lists the instances must not
+    look like an orphan; once the holder let go of the machine and nobody took it, it is one."""
+    settings = world.settings()
+    async with JobStore(settings.db_path) as store:
+        holder = await store.create(Job(user_id="u"))
+        nxt = await store.create(Job(user_id="v"))
+        for j in (holder, nxt):
+            await store.transition(j.id, JobState.QUEUED, "x")
+        holder_label, nxt_label = (label_for(settings, j, 1, store.install_id) for j in (holder, nxt))
+        inst = world.vast.rent_outside(holder_label)
+        await store.transition(holder.id, JobState.RENTING, "x", label=holder_label, instance_id=inst)
+        intent = {"to": nxt.id, "label": nxt_label, "step": "relabel"}
+        async with VastClient.from_settings(settings) as vast:
+            real_list = vast.list_instances
+
+            async def list_mid_handover() -> Any:
+                await store.update(holder.id, measured={"handover": intent})  # steps 1-3 of a handover
+                await vast.set_label(inst, nxt_label)
+                return await real_list()
+
+            vast.list_instances = list_mid_handover  # type: ignore[method-assign]
+            assert await find_orphans(store, settings, vast) == []
+            vast.list_instances = real_list  # type: ignore[method-assign]
+            # the holder closed its side (the machine is no longer its) but the next job never took it
+            await store.update(holder.id, instance_gone_at=time.time(),
+                               measured={"handover": dict(intent, step="done")})
+            assert [i.id for i in await find_orphans(store, settings, vast)] == [inst]
             await vast.destroy_instance(inst)
 
 
