@@ -18,7 +18,7 @@ from services.jobs.intake import decline, draft
 from services.jobs.model import Job
 from services.jobs.pipeline import label_for
 from services.jobs.worker import Worker, find_orphans
-from services.vastai import VastClient
+from services.vastai import Instance, VastClient
 from tests.services.jobs.conftest import Recorder, dataset_zip
 from tests.services.jobs.test_pipeline import Harness
 from tests.sim.world import SimWorld
@@ -232,10 +232,10 @@ async def test_the_reaper_spares_a_label_moved_while_it_lists_and_reaps_it_once_
         async with VastClient.from_settings(settings) as vast:
             real_list = vast.list_instances
 
-            async def list_mid_handover() -> Any:
+            async def list_mid_handover(*, label: str | None = None) -> list[Instance]:
                 await store.update(holder.id, measured={"handover": intent})  # steps 1-3 of a handover
                 await vast.set_label(inst, nxt_label)
-                return await real_list()
+                return await real_list(label=label)
 
             vast.list_instances = list_mid_handover  # type: ignore[method-assign]
             assert await find_orphans(store, settings, vast) == []
