@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from services.jobcost import bandwidth_usd, plan_for_job
 from services.jobs import JobState, JobStore, handover
 from services.jobs.intake import decline, draft
 from services.jobs.model import Job
@@ -75,6 +76,13 @@ async def test_a_queued_job_gets_the_warm_machine(world: SimWorld, recorder: Rec
     assert a.instance_gone_at == pytest.approx(b.measured["marks"]["ssh"], abs=0.01)
     assert a.cost_usd > 0 and b.cost_usd > 0
     assert b.billed_s == pytest.approx(b.instance_gone_at - a.instance_gone_at, abs=0.01)  # type: ignore[operator]
+    # a's bandwidth (issue 14) is billed once: its cost is its rental time plus its planned bandwidth
+    offer = next(o for o in world.vast.offers if o["id"] == a.offer_id)
+    plan = plan_for_job(a.recipe, h.settings, a.dataset_bytes)
+    assert plan is not None and a.dph_total is not None
+    a_bandwidth = bandwidth_usd(plan, offer["inet_down_cost"], offer["inet_up_cost"])
+    assert a_bandwidth > 0 and a.cost_usd == pytest.approx(a.dph_total * a.billed_s / 3600 + a_bandwidth, abs=1e-3)
+    assert a.cost_so_far() == a.cost_usd
     # nothing queued or quoted behind b: its machine goes at once, no idle wait
     assert b.instance_gone_at - b.measured["stored_at"] < 2.0
     # a's data is gone from the machine: its folder and every trace of its captions
