@@ -228,8 +228,8 @@ async def close(p: Pipeline, job: Job, at: float) -> Job:
     handover = dict(job.measured.get("handover") or {}, step="done")
     billed = job.rental_seconds(at)
     return await p.d.store.update(job.id, instance_gone_at=at, cost_usd=job.cost_so_far(at), billed_s=billed,
-                                  rented_at=None, measured=dict(job.measured, handover=handover,
-                                                                handed_over_to=handover.get("to")))
+                                  rented_at=None, bandwidth_usd=0.0,  # now inside cost_usd: never billed twice
+                                  measured=dict(job.measured, handover=handover, handed_over_to=handover.get("to")))
 
 
 async def release(p: Pipeline, job: Job, *, idle_s: float | None = None) -> tuple[Job, str | None]:

@@ -449,11 +449,17 @@ async def find_orphans(
     """
     now = now or time.time()
     orphans = []
-    # a machine being handed over carries the next job's label before that job records it (issue 18)
-    moving = {(j.instance_id, (j.measured.get("handover") or {}).get("label")) for j in await store.live()
-              if j.state.holds_instance and (j.measured.get("handover") or {}).get("label")}
+    instances = await vast.list_instances()
+    # a machine being handed over carries the next job's label before that job records it (issue 18).
+    # Read after the listing: the intent is written before the relabel, so a label the listing shows
+    # moved is always found here (read before it, a handover in between would look like an orphan).
+    # Spared only while the holder still holds that machine: once it let go, the next job owns it
+    # by its label, or nobody does and it is reaped.
+    moving = {(j.instance_id, h["label"]) for j in await store.live()
+              if j.state.holds_instance and j.instance_gone_at is None
+              and (h := j.measured.get("handover") or {}).get("label") and h.get("step") != "done"}
     listed: list[int] = []
-    for inst in await vast.list_instances():
+    for inst in instances:
         if (inst.id, inst.label) in moving:
             continue
         if inst.status == InstanceStatus.GONE:
