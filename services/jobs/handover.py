@@ -248,18 +248,25 @@ async def release(p: Pipeline, job: Job, *, idle_s: float | None = None) -> tupl
     except Exception as exc:  # every failure in a handover destroys the machine
         log.warning("job %s: handover to %s failed (%s); destroying the machine", job.id, successor.id, exc)
         job = await p.d.store.require(job.id)
-        job = await p._destroy(job)
-        await requeue(p, successor.id, job.instance_id)
+        job, warn = await p._safe_destroy(job)  # never raises: alerts the operator; the reaper's sweep retries
+        # a machine that may still live (destroy failed) may carry the next job's label already: the
+        # next job rents under a new label, or rent() would adopt that machine and its old user's data
+        await requeue(p, successor.id, job.instance_id, new_label=bool(warn))
         pool.start(await p.d.store.require(successor.id))
         return job, None
     pool.start(await p.d.store.require(successor.id))
     return job, successor.id
 
 
-async def requeue(p: Pipeline, job_id: str, instance_id: int | None) -> None:
-    """Put a job that was to get `instance_id` back in the queue with no machine (it rents a fresh one)."""
+async def requeue(p: Pipeline, job_id: str, instance_id: int | None, *, new_label: bool = False) -> None:
+    """Put a job that was to get `instance_id` back in the queue with no machine (it rents a fresh one;
+    with `new_label`, under a label the failed machine cannot carry)."""
     job = await p.d.store.require(job_id)
-    if job.state == S.QUEUED or job.state.terminal or job.instance_id != instance_id:
+    if job.state.terminal:
+        return
+    if new_label:
+        job = await p.d.store.update(job_id, attempt=job.attempt + 1)
+    if job.state == S.QUEUED or job.instance_id != instance_id:
         return
     clear: dict[str, Any] = dict(instance_id=None, offer_id=None, machine_id=None, ssh_host=None, ssh_port=None,
                                  host_key=None, rented_at=None, instance_gone_at=None, label=None,
