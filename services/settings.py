@@ -40,13 +40,19 @@ class Settings(BaseSettings):
     )
 
     # --- Vast.ai -----------------------------------------------------------------------------
+    # Vast.ai API key (secret)
     vastai_api_key: SecretStr | None = Field(None, validation_alias="VASTAI_API_KEY")
+    # the Vast.ai API's base URL
     vastai_api_url: str = Field("https://console.vast.ai", validation_alias="VASTAI_API_URL")
+    # private key the rented machines trust; its .pub beside it is registered with Vast.ai
     vastai_ssh_key_path: Path = Field(Path("~/.ssh/id_ed25519"), validation_alias="VASTAI_SSH_KEY_PATH")
+    # seconds one Vast.ai API request may take
     vastai_timeout_s: float = Field(30.0, gt=0, validation_alias="LORABOT_VASTAI_TIMEOUT_S")
+    # retries of a Vast.ai request answered 429 or 5xx
     vastai_max_retries: int = Field(6, ge=0, le=20, validation_alias="LORABOT_VASTAI_MAX_RETRIES")
     # base delay of the jittered exponential backoff on 429/5xx (tests shrink it)
     vastai_backoff_s: float = Field(1.0, ge=0, validation_alias="LORABOT_VASTAI_BACKOFF_S")
+    # longest delay of that backoff
     vastai_backoff_max_s: float = Field(30.0, ge=0, validation_alias="LORABOT_VASTAI_BACKOFF_MAX_S")
     # minimum interval between two calls to the same endpoint (Vast.ai enforces per-endpoint pacing)
     vastai_min_interval_s: float = Field(0.25, ge=0, validation_alias="LORABOT_VASTAI_MIN_INTERVAL_S")
@@ -67,19 +73,26 @@ class Settings(BaseSettings):
     max_inet_cost_per_gb: float = Field(0.05, ge=0, validation_alias="LORABOT_MAX_INET_COST_PER_GB")
 
     # --- what to rent -------------------------------------------------------------------------
+    # GPU model to rent
     gpu_name: str = Field("RTX 4090", validation_alias="LORABOT_GPU_NAME")
     # ai-toolkit's own image (repo at /app/ai-toolkit); it is built on CUDA 13, hence LORABOT_MIN_CUDA
     # pinned (issue 16): `:latest` floats, and the console output the parser reads changes between
     # versions; build_and_push_docker pushes `ostris/aitoolkit:<version.py VERSION>` beside `:latest`
     image: str = Field("ostris/aitoolkit:0.12.26", validation_alias="LORABOT_IMAGE")
+    # disk rented with the machine, GB (the base model alone is ~34 GB)
     disk_gb: float = Field(80.0, ge=8, validation_alias="LORABOT_DISK_GB")
     max_price: float = Field(1.0, gt=0, validation_alias="LORABOT_MAX_PRICE")  # $/h, server cap
+    # offers whose host reliability score (0..1) is lower are never rented
     min_reliability: float = Field(0.97, ge=0, le=1, validation_alias="LORABOT_MIN_RELIABILITY")
+    # offers with slower download bandwidth (Mbit/s) are never rented
     min_inet_down: float = Field(200.0, ge=0, validation_alias="LORABOT_MIN_INET_DOWN")
+    # offers whose driver supports an older CUDA are never rented (see `image`)
     min_cuda: float = Field(13.0, ge=0, validation_alias="LORABOT_MIN_CUDA")
+    # offers tried, one after another, before renting fails
     rent_attempts: int = Field(5, ge=1, le=50, validation_alias="LORABOT_RENT_ATTEMPTS")
 
     # --- Discord ------------------------------------------------------------------------------
+    # the bot's token (secret)
     discord_token: SecretStr | None = Field(None, validation_alias="DISCORD_TOKEN")
     # issue 13 (who may spend): the guilds the bot acts for (one id or a comma-separated list; `lorabot
     # run` refuses to start without it) and the roles, by id only (a role's name grants nothing)
@@ -102,13 +115,20 @@ class Settings(BaseSettings):
     discord_train_cooldown_s: float = Field(30.0, ge=0, validation_alias="LORABOT_DISCORD_TRAIN_COOLDOWN_S")
 
     # --- Cloudflare R2 ------------------------------------------------------------------------
+    # Cloudflare account id (the endpoint is https://<id>.r2.cloudflarestorage.com)
     r2_account_id: str | None = Field(None, validation_alias="R2_ACCOUNT_ID")
+    # R2 API token's key pair, scoped to the bucket (never sent to the box)
     r2_access_key_id: SecretStr | None = Field(None, validation_alias="R2_ACCESS_KEY_ID")
     r2_secret_access_key: SecretStr | None = Field(None, validation_alias="R2_SECRET_ACCESS_KEY")
+    # the bucket LoRAs, checkpoints, logs and samples go to
     r2_bucket: str | None = Field(None, validation_alias="R2_BUCKET")
+    # overrides the account's endpoint (tests: a local S3 server)
     r2_endpoint_url: str | None = Field(None, validation_alias="R2_ENDPOINT_URL")
+    # public URL of the bucket; None: presigned links that expire
     r2_public_base_url: str | None = Field(None, validation_alias="R2_PUBLIC_BASE_URL")
+    # lifetime of a presigned link (S3 allows at most 7 days)
     link_expiry_s: int = Field(7 * 24 * 3600, ge=60, le=7 * 24 * 3600, validation_alias="LORABOT_LINK_EXPIRY_S")
+    # upload the trainer's intermediate checkpoints to R2 as they are written
     backup_checkpoints: bool = Field(True, validation_alias="LORABOT_BACKUP_CHECKPOINTS")
     # uploads from the bot's host: one streamed PUT up to the threshold (R2 takes up to 5 GiB; a LoRA
     # is < 1 GiB), multipart (boto3 transfer manager, parallel parts) above it. benchmarks/upload.py
@@ -120,14 +140,19 @@ class Settings(BaseSettings):
     hf_token: SecretStr | None = Field(None, validation_alias="HF_TOKEN")
 
     # --- local state --------------------------------------------------------------------------
+    # the job store (SQLite)
     db_path: Path = Field(Path("./data/lorabot.sqlite3"), validation_alias="LORABOT_DB_PATH")
+    # prefix of the rented machines' labels (which instances belong to this installation)
     label_prefix: str = Field("lorabot-", min_length=1, max_length=64, validation_alias="LORABOT_LABEL_PREFIX")
+    # where datasets are unpacked and checked
     work_dir: Path = Field(Path("./data/work"), validation_alias="LORABOT_WORK_DIR")
 
     # --- dataset intake -----------------------------------------------------------------------
+    # what happens to images without a caption
     missing_captions: MissingCaptionPolicy = Field(
         MissingCaptionPolicy.TRIGGER, validation_alias="LORABOT_MISSING_CAPTIONS"
     )
+    # dataset caps: size, file count, fewest images, shortest image side (px)
     dataset_max_bytes: int = Field(2 * 1024**3, gt=0, validation_alias="LORABOT_DATASET_MAX_BYTES")
     dataset_max_files: int = Field(5000, gt=0, validation_alias="LORABOT_DATASET_MAX_FILES")
     dataset_min_images: int = Field(5, ge=1, validation_alias="LORABOT_DATASET_MIN_IMAGES")
@@ -140,11 +165,13 @@ class Settings(BaseSettings):
     # decoded pixels per image (a decompression-bomb guard below Pillow's own 89 MP warning)
     dataset_max_pixels: int = Field(80_000_000, gt=0, validation_alias="LORABOT_DATASET_MAX_PIXELS")
     dataset_workers: int = Field(0, ge=0, le=64, validation_alias="LORABOT_DATASET_WORKERS")  # 0: auto
+    # seconds a dataset download from a URL may take
     dataset_url_timeout_s: float = Field(120.0, gt=0, validation_alias="LORABOT_DATASET_URL_TIMEOUT_S")
     # extra CA bundle for URL intake (tests' self-signed server); None: the system's trust store
     dataset_url_ca_bundle: Path | None = Field(None, validation_alias="LORABOT_DATASET_URL_CA_BUNDLE")
 
     # --- the rented box -----------------------------------------------------------------------
+    # lorabot's folder on the box, where the image keeps ai-toolkit, and the Python the box runs
     remote_root: str = Field("/workspace/lorabot", validation_alias="LORABOT_REMOTE_ROOT")
     aitoolkit_dir: str = Field("/app/ai-toolkit", validation_alias="LORABOT_AITOOLKIT_DIR")
     remote_python: str = Field("python3", validation_alias="LORABOT_REMOTE_PYTHON")
@@ -152,41 +179,51 @@ class Settings(BaseSettings):
     ready_probe: str = Field(
         "nvidia-smi -L && test -f /app/ai-toolkit/run.py", validation_alias="LORABOT_READY_PROBE"
     )
+    # how long a rented machine may take to become ready (image pull included)
     ready_timeout_s: float = Field(1200.0, gt=0, validation_alias="LORABOT_READY_TIMEOUT_S")
+    # seconds an SSH connection may take to open
     ssh_connect_timeout_s: float = Field(15.0, gt=0, validation_alias="LORABOT_SSH_CONNECT_TIMEOUT_S")
     # keepalive every N s; the link counts as dead after ssh_keepalive_count unanswered ones
     ssh_keepalive_s: float = Field(15.0, gt=0, validation_alias="LORABOT_SSH_KEEPALIVE_S")
     # Vast.ai boxes log in as root; the local simulator logs in as whoever runs it
     ssh_user: str = Field("root", pattern=r"^[a-z_][a-z0-9_-]{0,31}$", validation_alias="LORABOT_SSH_USER")
+    # unanswered keepalives after which the SSH link counts as dead
     ssh_keepalive_count: int = Field(4, ge=1, validation_alias="LORABOT_SSH_KEEPALIVE_COUNT")
     # stop on the box: SIGINT, then SIGTERM after stop_grace, then SIGKILL after kill_grace more
     remote_stop_grace_s: float = Field(60.0, gt=0, validation_alias="LORABOT_REMOTE_STOP_GRACE_S")
     remote_kill_grace_s: float = Field(15.0, gt=0, validation_alias="LORABOT_REMOTE_KILL_GRACE_S")
+    # how often the supervisor on the box writes its heartbeat
     remote_heartbeat_s: float = Field(5.0, gt=0, validation_alias="LORABOT_REMOTE_HEARTBEAT_S")
 
     # --- jobs, money and limits ---------------------------------------------------------------
+    # jobs running at once, all users together, and per user
     max_concurrent_jobs: int = Field(4, ge=1, validation_alias="LORABOT_MAX_CONCURRENT_JOBS")
     max_jobs_per_user: int = Field(1, ge=1, validation_alias="LORABOT_MAX_JOBS_PER_USER")
     # jobs shipping their dataset at the same time, and datasets checked at the same time: both are
     # CPU-heavy bursts that would stall the event loop for every running job if unbounded
     max_concurrent_startups: int = Field(4, ge=1, validation_alias="LORABOT_MAX_CONCURRENT_STARTUPS")
     max_concurrent_intakes: int = Field(2, ge=1, validation_alias="LORABOT_MAX_CONCURRENT_INTAKES")
+    # longest training run; money caps per job, per user per day, for the whole bot per day
     max_runtime_s: float = Field(4 * 3600.0, gt=0, validation_alias="LORABOT_MAX_RUNTIME_S")
     max_job_cost: float = Field(5.0, gt=0, validation_alias="LORABOT_MAX_JOB_COST")
     user_daily_budget: float = Field(10.0, gt=0, validation_alias="LORABOT_USER_DAILY_BUDGET")
     global_daily_budget: float = Field(50.0, gt=0, validation_alias="LORABOT_GLOBAL_DAILY_BUDGET")
+    # no training progress this long: the job counts as stalled and stops
     stall_timeout_s: float = Field(900.0, gt=0, validation_alias="LORABOT_STALL_TIMEOUT_S")
     # issue 16 (the real ai-toolkit): images before 2026-06-24 print nothing while the ~34 GB base model
     # downloads, so until a training frame or a download bar shows up, silence may last this long
     load_stall_timeout_s: float = Field(3600.0, gt=0, validation_alias="LORABOT_LOAD_STALL_TIMEOUT_S")
     # `loss is nan` this many steps in a row stops the job (0: never); each one is reported at once
     nan_steps_limit: int = Field(5, ge=0, validation_alias="LORABOT_NAN_STEPS_LIMIT")
+    # a cancelled job uploads the LoRA it has so far
     save_partial_on_cancel: bool = Field(True, validation_alias="LORABOT_SAVE_PARTIAL_ON_CANCEL")
+    # how often the reaper looks for machines that should not be running
     reaper_interval_s: float = Field(300.0, gt=0, validation_alias="LORABOT_REAPER_INTERVAL_S")
     # how often a running job's log and status are read from the box
     monitor_interval_s: float = Field(5.0, gt=0, validation_alias="LORABOT_MONITOR_INTERVAL_S")
     # how often Vast.ai is asked whether a training job's instance is still there
     instance_check_s: float = Field(30.0, gt=0, validation_alias="LORABOT_INSTANCE_CHECK_S")
+    # how often a running job posts an excerpt of its log
     log_snippet_interval_s: float = Field(600.0, gt=0, validation_alias="LORABOT_LOG_SNIPPET_INTERVAL_S")
     # how long a job may go without reaching its box before it counts as lost (then: one retry elsewhere)
     ssh_lost_timeout_s: float = Field(300.0, gt=0, validation_alias="LORABOT_SSH_LOST_TIMEOUT_S")
@@ -199,6 +236,7 @@ class Settings(BaseSettings):
     max_open_drafts_per_user: int = Field(2, ge=1, validation_alias="LORABOT_MAX_OPEN_DRAFTS_PER_USER")
     max_queued_per_user: int = Field(2, ge=1, validation_alias="LORABOT_MAX_QUEUED_PER_USER")
     train_rate: int = Field(10, ge=1, validation_alias="LORABOT_TRAIN_RATE")
+    # how long a process holds a job it works on; a dead process's jobs are taken over after it
     lease_s: float = Field(60.0, gt=1, validation_alias="LORABOT_LEASE_S")
     # --- issue 13 (i13c): never lose the result; the reaper; local disk -----------------------
     # R2 down at collect: the upload from the kept local copy is retried, backoff between these
@@ -249,6 +287,7 @@ class Settings(BaseSettings):
     remote_hf_home: str = Field("", validation_alias="LORABOT_REMOTE_HF_HOME")
     # hand a finished job's machine to a queued job that can use it instead of destroying it
     warm_reuse: bool = Field(True, validation_alias="LORABOT_WARM_REUSE")
+    # a warm machine's idle wait, jobs per machine, and age after which it takes no new job
     warm_idle_s: float = Field(120.0, ge=0, validation_alias="LORABOT_WARM_IDLE_S")
     warm_max_jobs: int = Field(5, ge=1, validation_alias="LORABOT_WARM_MAX_JOBS")
     warm_max_age_s: float = Field(6 * 3600.0, gt=0, validation_alias="LORABOT_WARM_MAX_AGE_S")

@@ -129,7 +129,7 @@ def first_run_commands() -> list[str]:
 
 def fill(env_file: Path, values: dict[str, str]) -> None:
     """What the operator does in an editor: put each value after its `NAME=` (adding the few knobs that
-    point at the stand-ins' speed, which .env.example does not list)."""
+    point at the stand-ins' speed, which .env.example lists only as commented-out defaults)."""
     out, done = [], set()
     for line in env_file.read_text().splitlines():
         name = line.split("=", 1)[0]
