@@ -103,6 +103,7 @@ class JobStore:
         self._db: aiosqlite.Connection | None = None
         # one connection is shared by the process's tasks: transactions must not interleave
         self._tx_lock = asyncio.Lock()
+        self._tx_unsure = False  # a cancel may have left a transaction open on the connection
         self._install_id: str | None = None
 
     async def open(self) -> JobStore:
@@ -147,13 +148,28 @@ class JobStore:
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
         async with self._tx_lock:
-            await self.db.execute("BEGIN IMMEDIATE")
+            if self._tx_unsure:
+                # a task cancelled mid-statement: aiosqlite's thread still ran its BEGIN (or COMMIT,
+                # ROLLBACK) after the cancel. The thread runs statements in order, so once this one
+                # returns those are done; a transaction left open is that task's, never committed
+                await self.db.execute("SELECT 1")
+                if self.db.in_transaction:
+                    await self.db.execute("ROLLBACK")
+                self._tx_unsure = False
+            await self._tx_statement("BEGIN IMMEDIATE")
             try:
                 yield
             except BaseException:
-                await self.db.execute("ROLLBACK")
+                await self._tx_statement("ROLLBACK")
                 raise
-            await self.db.execute("COMMIT")
+            await self._tx_statement("COMMIT")
+
+    async def _tx_statement(self, sql: str) -> None:
+        try:
+            await self.db.execute(sql)
+        except asyncio.CancelledError:
+            self._tx_unsure = True  # the statement may run on: the next transaction looks first
+            raise
 
     async def schema_version(self) -> int:
         async with self.db.execute("PRAGMA user_version") as cur:

@@ -95,3 +95,21 @@ async def test_two_processes_share_the_file(tmp_path: Path) -> None:
         job = await one.create(Job(user_id="u"))
         await two.request_cancel(job.id)
         assert (await one.require(job.id)).cancel_requested
+
+
+async def test_a_write_cancelled_mid_statement_never_wedges_the_store(store: JobStore) -> None:
+    """A detach or shutdown cancels tasks wherever they are: aiosqlite's thread still runs a BEGIN whose
+    await was cancelled, and the next transaction must not find the connection stuck inside it."""
+    import asyncio
+    import contextlib
+
+    job = await store.create(Job(user_id="u1", name="cat"))
+    for yields in range(12):  # cancel at every point of the update's awaits in turn
+        task = asyncio.create_task(store.update(job.id, step=yields))
+        for _ in range(yields):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.update(job.id, loss=float(yields))  # "cannot start a transaction within a transaction"?
+        assert (await store.require(job.id)).loss == float(yields)
