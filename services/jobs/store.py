@@ -114,11 +114,11 @@ class JobStore:
             await asyncio.to_thread(_touch_private, self.path)
         self._db = await aiosqlite.connect(self.path, timeout=30, isolation_level=None)
         self._db.row_factory = aiosqlite.Row
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA synchronous=NORMAL")
-        await self._db.execute("PRAGMA foreign_keys=ON")
-        await self._db.execute("PRAGMA busy_timeout=30000")
-        try:
+        try:  # any failure closes the connection: its thread would otherwise keep the process alive
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute("PRAGMA synchronous=NORMAL")
+            await self._db.execute("PRAGMA foreign_keys=ON")
+            await self._db.execute("PRAGMA busy_timeout=30000")
             await self._migrate()
             self._install_id = await self._load_install_id()
         except BaseException:

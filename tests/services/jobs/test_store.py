@@ -113,3 +113,19 @@ async def test_a_write_cancelled_mid_statement_never_wedges_the_store(store: Job
             await task
         await store.update(job.id, loss=float(yields))  # "cannot start a transaction within a transaction"?
         assert (await store.require(job.id)).loss == float(yields)
+
+
+async def test_a_file_that_is_not_a_store_is_refused_and_leaves_no_thread(tmp_path: Path) -> None:
+    """aiosqlite runs each connection on a non-daemon thread: one left open keeps the process from exiting."""
+    import threading
+
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_bytes(b"this is not a database" * 100)
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(sqlite3.DatabaseError):
+        await JobStore(junk).open()
+    left = [t for t in threading.enumerate()
+            if t.ident not in before and t.is_alive() and "_connection_worker_thread" in t.name]
+    for t in left:
+        t.join(timeout=2)
+    assert [t.name for t in left if t.is_alive()] == []
