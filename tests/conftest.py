@@ -31,3 +31,30 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
         if find_sshd() is None:
             pytest.exit("CI: OpenSSH sshd is not installed (apt-get install openssh-server)", returncode=3)
+
+
+_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _exit_status.append(int(exitstatus))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # A non-daemon thread left running (an aiosqlite connection nobody closed, say) would keep the
+    # interpreter from exiting after the summary, and CI would wait out its whole timeout. Name it
+    # loudly, then leave with pytest's own exit status instead of hanging.
+    import sys
+    import threading
+
+    leaked = [t for t in threading.enumerate()
+              if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    for t in leaked:
+        t.join(timeout=5)
+    leaked = [t for t in leaked if t.is_alive()]
+    if leaked and _exit_status:
+        sys.stderr.write("leaked non-daemon threads (a resource a test did not close): "
+                         + ", ".join(t.name for t in leaked) + "\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(_exit_status[-1])
