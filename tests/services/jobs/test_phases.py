@@ -113,6 +113,8 @@ async def _job_json(h: Harness, job: Job) -> dict[str, Any]:
 
 async def test_every_phase_is_measured_in_store_job_json_and_final_message(costly: Harness) -> None:
     h = costly
+    # training must span several of the monitor's polls (0.2 s) to show as its own billed phase
+    h.world.box.set_sec_per_step(0.1)
     job = await h.worker.wait(await h.submit(steps=12), timeout=90)
     assert job.state == JobState.SUCCEEDED, job.reason
     measured = job.measured["phases"]
