@@ -83,9 +83,11 @@ class WarmPool:
     """The worker's side: hands a compatible queued job (dequeued, leased) to a machine holder."""
 
     def __init__(self, take: Callable[[Callable[[Job], bool]], Awaitable[Job | None]],
-                 launch: Callable[[Job], None], settings: Settings, store: JobStore) -> None:
+                 launch: Callable[[Job], None], put_back: Callable[[str], None],
+                 settings: Settings, store: JobStore) -> None:
         self._take = take
         self._launch = launch
+        self._put_back = put_back
         self.settings = settings
         self.store = store
 
@@ -106,6 +108,10 @@ class WarmPool:
 
     def start(self, job: Job) -> None:
         self._launch(job)
+
+    def put_back(self, job_id: str) -> None:
+        """A taken job that was neither handed the machine nor started: back to the queue's head."""
+        self._put_back(job_id)
 
 
 # runs on the box with its Python: kill what still runs from the old job's folder (argv naming it, but
@@ -240,22 +246,33 @@ async def release(p: Pipeline, job: Job, *, idle_s: float | None = None) -> tupl
         return await p._destroy(job), None
     wait = p.s.warm_idle_s if idle_s is None else idle_s
     job = await p.d.store.update(job.id, measured=dict(job.measured, handover={"step": "waiting"}))
-    successor = await pool.wait_for_successor(job, idle_s=wait, stop=p.cancel_event)
+    try:
+        successor = await pool.wait_for_successor(job, idle_s=wait, stop=p.cancel_event)
+    except Exception:  # the job's LoRA is stored: a fault here costs the handover, never the job
+        log.exception("job %s: looking for a queued job failed; destroying the machine", job.id)
+        successor = None
     if successor is None:
         return await p._destroy(job), None
+    started = False
     try:
-        job = await hand_over(p, job, successor)
-    except Exception as exc:  # every failure in a handover destroys the machine
-        log.warning("job %s: handover to %s failed (%s); destroying the machine", job.id, successor.id, exc)
-        job = await p.d.store.require(job.id)
-        job, warn = await p._safe_destroy(job)  # never raises: alerts the operator; the reaper's sweep retries
-        # a machine that may still live (destroy failed) may carry the next job's label already: the
-        # next job rents under a new label, or rent() would adopt that machine and its old user's data
-        await requeue(p, successor.id, job.instance_id, new_label=bool(warn))
+        try:
+            job = await hand_over(p, job, successor)
+        except Exception as exc:  # every failure in a handover destroys the machine
+            log.warning("job %s: handover to %s failed (%s); destroying the machine", job.id, successor.id, exc)
+            job = await p.d.store.require(job.id)
+            job, warn = await p._safe_destroy(job)  # never raises: alerts the operator; the sweep retries
+            # a machine that may still live (destroy failed) may carry the next job's label already: the
+            # next job rents under a new label, or rent() would adopt that machine and its old user's data
+            await requeue(p, successor.id, job.instance_id, new_label=bool(warn))
+            pool.start(await p.d.store.require(successor.id))
+            started = True
+            return job, None
         pool.start(await p.d.store.require(successor.id))
-        return job, None
-    pool.start(await p.d.store.require(successor.id))
-    return job, successor.id
+        started = True
+        return job, successor.id
+    finally:
+        if not started:  # cancelled, or the store failed mid-way: the successor must not be lost
+            pool.put_back(successor.id)
 
 
 async def requeue(p: Pipeline, job_id: str, instance_id: int | None, *, new_label: bool = False) -> None:

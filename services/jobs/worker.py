@@ -75,6 +75,9 @@ class Worker:
         self._adopt = adopt
         self.vast: VastClient | None = None
         self._pending: list[str] = []  # queued job ids, in order
+        # queued jobs taken off _pending and not yet launched (a claim, a budget check, a warm handover
+        # under way): neither recover() nor submit() may queue them again meanwhile
+        self._taking: set[str] = set()
         self._dequeued = asyncio.Event()  # pulsed (set, then replaced) when a job leaves _pending
         self._running: dict[str, tuple[asyncio.Task[Job], Pipeline]] = {}
         self._watchdogs: dict[str, asyncio.Task[Job | None]] = {}  # job id -> its watchdog (issue 13)
@@ -83,7 +86,7 @@ class Worker:
         self._startups = asyncio.Semaphore(settings.max_concurrent_startups)
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
-        self._warm = WarmPool(self._take_queued, self._launch_warm, settings, store)  # issue 18
+        self._warm = WarmPool(self._take_queued, self._launch_warm, self._put_back, settings, store)  # issue 18
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self, *, recover: bool = True) -> None:
@@ -143,16 +146,29 @@ class Worker:
             job = await self.store.get(job_id)
             if job is None or job_id not in self._pending or not fits(job):
                 continue
-            if not await self.store.claim(job_id, self.owner, self.settings.lease_s):
-                continue
+            # off the queue before the first await: the scheduler claims under the same owner, so the
+            # lease alone cannot keep the two of us from both taking (and launching) this job
             self._dequeue(job_id)
+            self._taking.add(job_id)  # until _launch_warm or _put_back
+            if not await self.store.claim(job_id, self.owner, self.settings.lease_s):
+                self._taking.discard(job_id)
+                continue  # another process drives it
             return job
         return None
 
     def _launch_warm(self, job: Job) -> None:
+        self._taking.discard(job.id)
         if job.id not in self._running:
             self._launch(job)
         self._wake.set()
+
+    def _put_back(self, job_id: str) -> None:
+        """A job taken for a warm machine that will not get it: first in the queue again."""
+        if job_id in self._taking:
+            self._taking.discard(job_id)
+            if job_id not in self._pending and job_id not in self._running:
+                self._pending.insert(0, job_id)
+            self._wake.set()
 
     # --- queue --------------------------------------------------------------------------------
     async def check_budget(self, job: Job) -> None:
@@ -176,7 +192,7 @@ class Worker:
                 max_queued_per_user=s.max_queued_per_user)
         elif job.state != S.QUEUED:
             raise JobRefused(f"job {job.id} is {job.state.value}, not waiting to start")
-        if job.id not in self._pending and job.id not in self._running:
+        if job.id not in self._pending and job.id not in self._running and job.id not in self._taking:
             self._pending.append(job.id)
         position = self.queue_position(job.id) or 1
         try:
@@ -240,13 +256,16 @@ class Worker:
             per_user = sum(1 for jid in self._running if self._users.get(jid) == job.user_id)
             if per_user >= self.settings.max_jobs_per_user:
                 continue  # this user waits; others behind may pass
-            if not await self.store.claim(job_id, self.owner, self.settings.lease_s):
-                self._dequeue(job_id)
-                continue
-            self._dequeue(job_id)
-            if await self._over_budget(job):
-                continue
-            self._launch(job)
+            self._dequeue(job_id)  # before the await, as in _take_queued
+            self._taking.add(job_id)
+            try:
+                if not await self.store.claim(job_id, self.owner, self.settings.lease_s):
+                    continue
+                if await self._over_budget(job):
+                    continue
+                self._launch(job)
+            finally:
+                self._taking.discard(job_id)
         await self._announce_positions()
 
     async def _over_budget(self, job: Job) -> bool:
@@ -327,7 +346,7 @@ class Worker:
         resumed = []
         now = time.time()
         for job in sorted(await self.store.live(), key=lambda j: j.created_at):
-            if job.id in self._running or job.id in self._pending:
+            if job.id in self._running or job.id in self._pending or job.id in self._taking:
                 continue
             if job.state in (S.VALIDATING, S.AWAITING_CONFIRMATION):
                 if now - job.updated_at > self.settings.confirm_timeout_s:

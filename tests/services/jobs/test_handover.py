@@ -143,6 +143,28 @@ async def test_a_failed_handover_destroys_the_machine_and_the_next_job_rents_afr
     assert world.vast.live_instances() == []  # a's machine destroyed, b's too
 
 
+async def test_a_fault_while_looking_for_the_next_job_costs_the_handover_not_the_finished_job(
+    world: SimWorld, recorder: Recorder, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the LoRA is stored and the link already posted: whatever goes wrong in the search for a successor
+    # (CI once saw the queue's bookkeeping raise there) must end in a destroyed machine and a success
+    real_compatible = handover.compatible
+    faults = iter([True])
+
+    def flaky(settings: Any, holder: Job, queued: Job) -> bool:
+        if next(faults, False):
+            raise RuntimeError("the queue changed under us")
+        return real_compatible(settings, holder, queued)
+
+    monkeypatch.setattr(handover, "compatible", flaky)
+    async with Harness(world, recorder, **WARM) as h:
+        a, b = await run_two(h)
+    assert a.state == JobState.SUCCEEDED and b.state == JobState.SUCCEEDED, (a.reason, b.reason)
+    assert a.instance_gone_at is not None and "handed_over_to" not in a.measured
+    assert b.instance_id != a.instance_id and rentals(world) == 2
+    assert world.vast.live_instances() == []
+
+
 async def quote_only(h: Harness, user: str) -> str:
     """A job quoted and awaiting its user's confirmation: a machine may wait for it."""
     async with VastClient.from_settings(h.settings) as vast:

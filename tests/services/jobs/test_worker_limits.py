@@ -72,3 +72,61 @@ async def test_budgets_refuse_new_jobs_with_a_clear_message(world: SimWorld, rec
         finally:
             await worker.stop()
     assert world.vast.live_instances() == []
+
+
+class _SlowClaims(JobStore):
+    """A store whose lease writes take a while, as they do on a busy disk: it widens the window in
+    which the scheduler and a warm machine's wait for a successor both reach for the same queued job."""
+
+    async def claim(self, job_id: str, owner: str, lease_s: float = 60.0) -> bool:
+        await asyncio.sleep(0.2)
+        return await super().claim(job_id, owner, lease_s)
+
+
+async def test_the_scheduler_and_a_warm_machine_never_both_take_one_queued_job(
+        world: SimWorld, recorder: Recorder) -> None:
+    # CI caught this as a crash in a finished job's handover (list.remove: x not in list): both sides
+    # claimed the job under the worker's one owner, so both won, and one would also have launched it twice
+    settings = world.settings(max_concurrent_jobs=1)
+    async with _SlowClaims(settings.db_path) as store:
+        worker = Worker(store, settings, recorder, reaper=False)
+        await worker.start(recover=False)
+        try:
+            job_id = await _draft(store, worker, "alice")
+            await worker.submit(job_id)  # wakes the scheduler, which starts its (slow) claim
+            await asyncio.sleep(0.05)
+            taken = await worker._take_queued(lambda _job: True)
+            await asyncio.sleep(0.3)  # the scheduler's claim returns
+            launched = job_id in worker.running()
+            assert (taken is not None) != launched, "the job must go to exactly one of them"
+            assert worker.queue_position(job_id) is None
+            if taken is not None:
+                worker._launch_warm(taken)  # as a handover would; the test only needs it driven
+            done = await worker.wait(job_id, timeout=60)
+        finally:
+            await worker.stop()
+    assert done.state == JobState.SUCCEEDED, done.reason
+    assert world.vast.live_instances() == []
+
+
+async def test_a_job_taken_for_a_warm_machine_is_not_queued_again_until_put_back(
+        world: SimWorld, recorder: Recorder) -> None:
+    # while a handover prepares the machine (seconds), the job is queued in the store and leased to this
+    # worker: the lease loop's recover() must not queue it again, or the scheduler would rent for it too
+    settings = world.settings()
+    async with JobStore(settings.db_path) as store:
+        worker = Worker(store, settings, recorder, reaper=False)  # not started: no scheduler takes jobs
+        try:
+            first = await _draft(store, worker, "alice")
+            second = await _draft(store, worker, "bob")
+            await worker.submit(first)
+            await worker.submit(second)
+            taken = await worker._take_queued(lambda _job: True)
+            assert taken is not None and taken.id == first
+            assert await worker.recover() == [] and worker.queue_position(first) is None
+            await worker.submit(first)  # a second confirm does not queue it twice either
+            assert worker.queue_position(first) is None
+            worker._put_back(first)  # the handover failed before the job got the machine
+            assert worker.queue_position(first) == 1 and worker.queue_position(second) == 2
+        finally:
+            await worker.stop()
