@@ -1166,13 +1166,15 @@ class Pipeline:
 
     async def _destroy_id(self, instance_id: int) -> None:
         last: Exception | None = None
+        base = self.s.vastai_backoff_s  # 1 s by default: 1, 2, 4, 8 s between the five tries
         for attempt in range(5):
             try:
                 await self.d.vast.destroy_instance(instance_id)
                 return
             except VastError as exc:
                 last = exc
-                await asyncio.sleep(min(2**attempt, 10))
+                if attempt < 4:
+                    await asyncio.sleep(min(base * 2**attempt, 10 * base))
         raise JobFailure("destroy", f"instance {instance_id} could not be destroyed: {last}")
 
     async def _safe_destroy(self, job: Job) -> tuple[Job, str]:

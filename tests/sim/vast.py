@@ -53,6 +53,8 @@ class Quirks:
     image_gb: float = 0.0
     time_factor: float = 1.0
     label_fails: int = 0  # the next N label changes answer 500 (the API's "manage" endpoint erring)
+    label_fails_applied: bool = False  # ...after applying the label (the answer, not the change, is lost)
+    destroy_fails: int = 0  # the next N DELETEs answer 500 and destroy nothing
     non_json_errors: bool = False  # error bodies in plain text
     # --- issue 14: what the real API does that the first emulator never did ---
     time_scale: float = 1.0  # every emulated delay below is multiplied by this (a compressed clock)
@@ -668,6 +670,9 @@ class VastEmulator:
                 return self._error(404, "not_found", "Instance not found")
             if self.quirks.success_false:
                 return self._json({"success": False, "error": "server_error", "msg": "destroy failed, try again"})
+            if self.quirks.destroy_fails > 0:
+                self.quirks = replace(self.quirks, destroy_fails=self.quirks.destroy_fails - 1)
+                return self._error(500, "server_error", "Internal server error")
             inst.destroyed = True
             inst.destroyed_at = time.monotonic()
         return self._json({"success": True})
@@ -687,6 +692,8 @@ class VastEmulator:
                     return self._error(400, "label_too_long", "label too long")
                 if self.quirks.label_fails > 0:
                     self.quirks = replace(self.quirks, label_fails=self.quirks.label_fails - 1)
+                    if self.quirks.label_fails_applied:
+                        inst.label = str(body["label"])
                     return self._error(500, "server_error", "Internal server error")
                 inst.label = str(body["label"])
             if body.get("state") == "stopped":

@@ -15,6 +15,7 @@ import pytest
 
 from services.jobcost import bandwidth_usd, plan_for_job
 from services.jobs import JobState, JobStore, handover
+from services.jobs.events import OperatorAlert
 from services.jobs.intake import decline, draft
 from services.jobs.model import Job
 from services.jobs.pipeline import label_for
@@ -141,6 +142,41 @@ async def test_a_failed_handover_destroys_the_machine_and_the_next_job_rents_afr
     assert a.instance_gone_at is not None and "handed_over_to" not in a.measured
     assert b.label and b.label.endswith(b.id)
     assert world.vast.live_instances() == []  # a's machine destroyed, b's too
+
+
+@pytest.mark.parametrize("step", ["disk", "relabel"])
+async def test_a_failed_handover_whose_destroy_fails_too_never_gives_the_next_job_that_machine(
+    world: SimWorld, recorder: Recorder, monkeypatch: pytest.MonkeyPatch, step: str,
+) -> None:
+    # the double fault: the handover fails, then so does the destroy. The machine may live on, and after
+    # a relabel whose answer was lost it carries the next job's label: the next job must rent afresh
+    # under a label that machine cannot carry, the operator hears of it, and the reaper destroys it
+    if step == "relabel":
+        world.vast.set_quirks(label_fails=1000, label_fails_applied=True)
+    else:
+        async def nearly_full(p: Any, job: Job) -> int:
+            return 10**9
+
+        monkeypatch.setattr(handover, "free_disk_bytes", nearly_full)
+    world.vast.set_quirks(destroy_fails=1000)
+    async with Harness(world, recorder, **WARM) as h:
+        a_id = await submit(h, "u1", SECRET_CAPTION)
+        b_id = await submit(h, "u2")
+        a = await h.worker.wait(a_id, timeout=120)
+        world.vast.set_quirks(destroy_fails=0, label_fails=0)
+        b = await h.worker.wait(b_id, timeout=120)
+        assert a.state == JobState.SUCCEEDED and b.state == JobState.SUCCEEDED, (a.reason, b.reason)
+        assert a.instance_id is not None and a.instance_gone_at is None  # not confirmed gone
+        assert b.instance_id != a.instance_id and rentals(world) == 2 and not b.measured.get("warm")
+        assert b.label == label_for(h.settings, b, 2, h.store.install_id)
+        if step == "relabel":  # the lost answer: a's machine really carries b's first label
+            shown = await h.worker.vast.show_instance(a.instance_id)  # type: ignore[union-attr]
+            assert shown is not None and shown.label == label_for(h.settings, b, 1, h.store.install_id)
+        assert any(f"instance {a.instance_id} of job {a_id} could not be destroyed" in e.text
+                   for e in recorder.of(OperatorAlert))
+        assert {i["id"] for i in world.vast.live_instances()} == {a.instance_id}
+        reaped = await h.worker.reconcile(destroy=True)
+    assert a.instance_id in {i.id for i in reaped} and world.vast.live_instances() == []
 
 
 async def test_a_fault_while_looking_for_the_next_job_costs_the_handover_not_the_finished_job(
