@@ -179,14 +179,31 @@ async def free_disk_bytes(p: Pipeline, job: Job) -> int:
         return 0
 
 
+def inet_cost(holder: Job) -> tuple[float, float]:
+    """The machine's $/GB in and out, as recorded when it was rented (0 when unknown)."""
+    c = holder.measured.get("inet_cost") or {}
+    return float(c.get("down") or 0.0), float(c.get("up") or 0.0)
+
+
+def warm_bandwidth_usd(holder: Job, successor: Job) -> float:
+    """What the successor's own bytes cost on the holder's machine: its dataset in, its results out
+    (the base model is already there)."""
+    from services.quote import upload_bytes
+
+    down, up = inet_cost(holder)
+    recipe = FluxRecipe.model_validate(successor.recipe)
+    return round(successor.dataset_bytes / 1e9 * down + upload_bytes(recipe) / 1e9 * up, 4)
+
+
 def warm_quote(settings: Settings, holder: Job, successor: Job) -> dict[str, Any]:
     from services.jobs.intake import quote_doc
     from services.quote import quote
 
     recipe = FluxRecipe.model_validate(successor.recipe)
+    down, up = inet_cost(holder)
     q = quote(recipe, dph_total=holder.dph_total or 0.0, inet_down_mbps=float(holder.measured.get("inet_down") or 0),
               dataset_bytes=successor.dataset_bytes, gpu_name=holder.gpu_name or settings.gpu_name,
-              settings=settings, warm=True)
+              settings=settings, warm=True, inet_down_cost_per_gb=down, inet_up_cost_per_gb=up)
     return quote_doc(q)
 
 
@@ -218,6 +235,7 @@ async def hand_over(p: Pipeline, job: Job, successor: Job) -> Job:
     now = time.time()
     machine = machine_of(job)
     measured = phases.mark({"warm": True, "warm_from": job.id, "inet_down": job.measured.get("inet_down"),
+                            "inet_cost": job.measured.get("inet_cost"),
                             "machine": {"started_at": machine["started_at"], "jobs": machine["jobs"] + 1}},
                            "ssh", now)
     successor = await store.transition(
@@ -225,7 +243,8 @@ async def hand_over(p: Pipeline, job: Job, successor: Job) -> Job:
         label=label, instance_id=job.instance_id, offer_id=job.offer_id, machine_id=job.machine_id,
         gpu_name=job.gpu_name, dph_total=job.dph_total, ssh_host=job.ssh_host, ssh_port=job.ssh_port,
         ssh_kind=job.ssh_kind, host_key=job.host_key, rented_at=now, instance_gone_at=None,
-        started_at=successor.started_at or now, quote=warm_quote(p.s, job, successor), measured=measured)
+        started_at=successor.started_at or now, quote=warm_quote(p.s, job, successor), measured=measured,
+        bandwidth_usd=warm_bandwidth_usd(job, successor))
     return await close(p, job, now)
 
 

@@ -288,7 +288,9 @@ class Pipeline:
                 gpu_name=result.gpu_name or self.s.gpu_name, rented_at=job.rented_at or time.time(),
                 instance_gone_at=None,
                 bandwidth_usd=bandwidth_usd(plan, result.inet_down_cost, result.inet_up_cost),
-                measured=_rent_marks(job.measured, created, result.offer_id, offers),
+                # the $/GB of this machine: a job it is handed to later pays its own bytes at them
+                measured=dict(_rent_marks(job.measured, created, result.offer_id, offers),
+                              inet_cost={"down": result.inet_down_cost, "up": result.inet_up_cost}),
             )
         except Exception as exc:  # a full disk: an instance nobody can find again must not bill
             log.error("job %s: storing instance %s failed (%s); destroying it", job.id, result.instance_id, exc)
@@ -551,8 +553,8 @@ class Pipeline:
         except SSHError as exc:  # a checksum mismatch after retries: the link corrupts data
             raise InfraFailure("upload", f"dataset upload failed: {exc}") from None
         upload_s = round(time.monotonic() - t0, 3)
-        job = await self.d.store.update(job.id, measured=phases.add(dict(job.measured, upload_s=upload_s),
-                                                                    "dataset_upload", upload_s))
+        job = await self.d.store.update(job.id, measured=phases.mark(
+            phases.add(dict(job.measured, upload_s=upload_s), "dataset_upload", upload_s), "uploaded"))
         job = await self._await_prefetch(job)
         measured = job.measured
         await self._emit(job, Readiness("uploaded", f"{mb:.1f} MB verified on the box"))
@@ -612,6 +614,8 @@ class Pipeline:
         if fetched is not None and fetched[1] > 0:  # a warm cache fetched nothing: no download phase
             measured = phases.add(measured, "model_download", fetched[0])
             measured["prefetch_bytes"] = fetched[1]
+            # when it ran, in the box's wall clock: what overlapped what, for the phase table's reader
+            measured["prefetch_window"] = [round(float(doc["started_at"]), 3), round(float(doc["finished_at"]), 3)]
         return await self.d.store.update(job.id, measured=measured)
 
     async def _restore_checkpoint(self, job: Job, remote: RemoteJob, output: str) -> None:

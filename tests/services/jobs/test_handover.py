@@ -20,6 +20,8 @@ from services.jobs.intake import decline, draft
 from services.jobs.model import Job
 from services.jobs.pipeline import label_for
 from services.jobs.worker import Worker, find_orphans
+from services.quote import upload_bytes
+from services.recipe import FluxRecipe
 from services.vastai import Instance, VastClient
 from tests.services.jobs.conftest import Recorder, dataset_zip
 from tests.services.jobs.test_pipeline import Harness
@@ -84,6 +86,12 @@ async def test_a_queued_job_gets_the_warm_machine(world: SimWorld, recorder: Rec
     a_bandwidth = bandwidth_usd(plan, offer["inet_down_cost"], offer["inet_up_cost"])
     assert a_bandwidth > 0 and a.cost_usd == pytest.approx(a.dph_total * a.billed_s / 3600 + a_bandwidth, abs=1e-3)
     assert a.cost_so_far() == a.cost_usd
+    # b pays its own bytes on that machine at its $/GB: its dataset in, its results out (no model)
+    b_bandwidth = (b.dataset_bytes / 1e9 * offer["inet_down_cost"]
+                   + upload_bytes(FluxRecipe.model_validate(b.recipe)) / 1e9 * offer["inet_up_cost"])
+    assert b_bandwidth > 0 and b.dph_total == a.dph_total
+    assert b.cost_usd == pytest.approx(b.dph_total * b.billed_s / 3600 + b_bandwidth, abs=1e-3)
+    assert b.quote["cost_low_usd"] >= round(b_bandwidth, 4)
     # nothing queued or quoted behind b: its machine goes at once, no idle wait
     assert b.instance_gone_at - b.measured["stored_at"] < 2.0
     # a's data is gone from the machine: its folder and every trace of its captions

@@ -155,12 +155,15 @@ async def test_the_first_step_waits_for_upload_or_download_not_both(costly: Harn
     h = costly
     job = await h.worker.wait(await h.submit(steps=5), timeout=90)
     assert job.state == JobState.SUCCEEDED, job.reason
-    m = job.measured
-    to_first = m["marks"]["first_step"] - m["marks"]["ssh"]
-    p = m["phases"]
-    # the download overlaps the upload: the first step comes well before their sum + load would put it
-    overlap_bound = max(p["dataset_upload"], p["model_download"]) + p["model_load"] + p["latent_caching"]
-    assert to_first <= overlap_bound * 1.1 + 1.0, (to_first, p)
+    m, marks = job.measured, job.measured["marks"]
+    started, finished = m["prefetch_window"]
+    upload_began = marks["uploaded"] - m["phases"]["dataset_upload"]
+    # the model download ran beside the dataset upload: it began inside the upload, before the dataset
+    # was on the box, and the trainer's first step came after it, on a warm cache. (How much time the
+    # overlap saves is measured by benchmarks/first_step.py, not timed here: CI machines are noisy.)
+    assert upload_began - 0.05 <= started < marks["uploaded"], (started, upload_began, marks)
+    assert finished > started and marks["first_step"] >= finished, (m["prefetch_window"], marks)
+    assert m["prefetch_bytes"] > 20e9
 
 
 async def test_a_failed_prefetch_is_not_a_failed_job(world: SimWorld, recorder: Recorder) -> None:
