@@ -687,6 +687,8 @@ class Pipeline:
             commit = str(job.measured.get("trainer_commit", "unknown"))[:12]
             await self._emit(job, Readiness("launched", f"trainer started (ai-toolkit {commit})"))
         self._parser = prog.ProgressParser(job_name(job), nan_limit=self.s.nan_steps_limit)
+        # re-attached after the final save line was read: a late error still leaves a complete LoRA
+        self._parser.final_checkpoint = job.measured.get("final_checkpoint")
         self._eta = EtaModel(job.recipe, job.quote)
         offset = job.log_offset
         last_output = time.monotonic()
@@ -833,6 +835,8 @@ class Pipeline:
                     await self._emit(job, Readiness("downloading", f"{done_gb:.1f}/{total_gb:.1f} GB"))
             elif isinstance(ev, prog.CheckpointSaved):
                 # the final file too, at once: the final sampling pass (or the host) may still fail
+                if ev.final:  # remembered across a restart, which reads the log on from a later offset
+                    job = await self.d.store.update(job.id, measured=dict(job.measured, final_checkpoint=ev.path))
                 backed = await self._backup_checkpoint(job, ev.path)
                 job = await self.d.store.require(job.id)
                 if not ev.final:

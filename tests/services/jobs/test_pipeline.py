@@ -211,6 +211,35 @@ async def test_oom_in_the_final_sampling_pass_still_delivers_the_lora(h: Harness
     assert len(job.artifacts["checkpoint_sha256"]) == 64 and int(job.artifacts["checkpoint_size"]) > 0
 
 
+async def test_a_restart_between_the_final_save_and_a_late_oom_still_delivers_the_lora(h: Harness) -> None:
+    """The bot re-attaches after it read the final save line: it reads the log on from its stored
+    offset and never sees that line again, yet the LoRA on disk is complete."""
+    h.world.box.set_sec_per_step(0.02)
+    h.world.box.set_fault("oom_final@3")
+    try:
+        job_id = await h.submit(steps=12)
+        for _ in range(600):  # the final file is backed up as its save line is read
+            job = await h.store.require(job_id)
+            if job.artifacts.get("checkpoint", "").endswith(f"lora_{job_id}.safetensors"):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the final save was never read")
+        await asyncio.sleep(0.5)  # the monitor stores the log offset past that line
+        await h.worker.stop()  # a graceful restart: the trainer goes on on its box
+        worker = Worker(h.store, h.settings, h.recorder)
+        await worker.start()
+        try:
+            done = await worker.wait(job_id, timeout=90)
+        finally:
+            await worker.stop()
+    finally:
+        h.world.box.set_fault(None)
+    assert done.state == JobState.SUCCEEDED, done.reason
+    assert "GPU ran out of memory" in done.measured["trainer_warning"]
+    assert done.lora_url and h.world.vast.live_instances() == []
+
+
 async def test_a_truncated_checkpoint_in_r2_makes_the_retry_start_fresh(h: Harness) -> None:
     """A restore that does not match the size and sha256 recorded at backup is not used: ai-toolkit
     would load the newest `<name>*` file and die on it. The retry starts fresh and says so."""

@@ -16,7 +16,7 @@ Knobs (environment, or a `sim_fault` / `sim_sec_per_step` file next to this scri
                              hang@stepN (no output, forever), crash@stepN (SIGKILL, like the OOM killer),
                              ignore_sigint, ignore_sigterm, exception@stepN (a plain Python error),
                              nan@stepN ("loss is nan" every step from N, loss shown as 0),
-                             oom_final (CUDA OOM in the final sampling pass, after the final save),
+                             oom_final[@S] (CUDA OOM in the final sampling pass, after the final save, S s into it),
                              host_fault@stepN (uncorrectable ECC error), host_hang@stepN (the same
                              error printed, then hung), repo_missing (no such repo),
                              hang_load (silent forever after "Loading transformer", like an old image
@@ -534,6 +534,7 @@ def run_job(config: dict) -> None:
         if model.get("assistant_lora_path"):
             out("Unloading assistant lora")
         if final and "oom_final" in FAULTS:
+            time.sleep(FAULTS["oom_final"] or 0)  # oom_final@S: S seconds into the pass
             raise JobError(
                 "CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of 23.55 GiB of "
                 "which 1.01 GiB is free.", "torch.OutOfMemoryError")
