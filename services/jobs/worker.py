@@ -150,7 +150,12 @@ class Worker:
             # lease alone cannot keep the two of us from both taking (and launching) this job
             self._dequeue(job_id)
             self._taking.add(job_id)  # until _launch_warm or _put_back
-            if not await self.store.claim(job_id, self.owner, self.settings.lease_s):
+            try:
+                claimed = await self.store.claim(job_id, self.owner, self.settings.lease_s)
+            except BaseException:
+                self._put_back(job_id)
+                raise
+            if not claimed:
                 self._taking.discard(job_id)
                 continue  # another process drives it
             return job
@@ -163,7 +168,8 @@ class Worker:
         self._wake.set()
 
     def _put_back(self, job_id: str) -> None:
-        """A job taken for a warm machine that will not get it: first in the queue again."""
+        """A taken job that was not started after all (its handover failed early, a store error):
+        first in the queue again."""
         if job_id in self._taking:
             self._taking.discard(job_id)
             if job_id not in self._pending and job_id not in self._running:
@@ -240,7 +246,12 @@ class Worker:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self._start_eligible()
+            try:
+                await self._start_eligible()
+            except Exception:  # a store error (a full disk, a locked file): the queue waits, never dies
+                log.exception("scheduler: starting queued jobs failed; trying again shortly")
+                await asyncio.sleep(1.0)
+                self._wake.set()
 
     async def _start_eligible(self) -> None:
         limit = self.settings.max_concurrent_jobs
@@ -260,10 +271,13 @@ class Worker:
             self._taking.add(job_id)
             try:
                 if not await self.store.claim(job_id, self.owner, self.settings.lease_s):
-                    continue
+                    continue  # another process drives it
                 if await self._over_budget(job):
-                    continue
+                    continue  # failed, with the reason
                 self._launch(job)
+            except BaseException:
+                self._put_back(job_id)  # a store error (or a shutdown): the job stays queued
+                raise
             finally:
                 self._taking.discard(job_id)
         await self._announce_positions()

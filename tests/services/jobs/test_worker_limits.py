@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 import pytest
 
@@ -130,3 +131,31 @@ async def test_a_job_taken_for_a_warm_machine_is_not_queued_again_until_put_back
             assert worker.queue_position(first) == 1 and worker.queue_position(second) == 2
         finally:
             await worker.stop()
+
+
+class _LockedOnce(JobStore):
+    """A store whose first lease write fails as SQLite does when another process holds the file."""
+
+    failed = False
+
+    async def claim(self, job_id: str, owner: str, lease_s: float = 60.0) -> bool:
+        if not self.failed:
+            self.failed = True
+            raise sqlite3.OperationalError("database is locked")
+        return await super().claim(job_id, owner, lease_s)
+
+
+async def test_a_store_error_while_starting_a_job_leaves_it_queued_and_the_scheduler_alive(
+        world: SimWorld, recorder: Recorder) -> None:
+    settings = world.settings()
+    async with _LockedOnce(settings.db_path) as store:
+        worker = Worker(store, settings, recorder, reaper=False)
+        await worker.start(recover=False)
+        try:
+            job_id = await _draft(store, worker, "alice", steps=5)
+            await worker.submit(job_id)
+            done = await worker.wait(job_id, timeout=60)
+        finally:
+            await worker.stop()
+    assert store.failed and done.state == JobState.SUCCEEDED, done.reason
+    assert world.vast.live_instances() == []
