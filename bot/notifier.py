@@ -47,7 +47,7 @@ from services.jobs.events import (
     SampleImage,
     StateChanged,
 )
-from services.jobs.model import Job
+from services.jobs.model import Job, JobState
 from services.settings import Settings, redact
 
 log = logging.getLogger(__name__)
@@ -342,6 +342,10 @@ class DiscordNotifier:
 
     async def _final(self, track: _Track, ev: JobEvent) -> None:
         await self._settle(track)
+        if isinstance(ev, Finished) and not track.job.state.terminal:
+            # the result goes out before the machine is released (it may wait for a queued job): for the
+            # user the job is done now, not "saving the LoRA" for the length of that wait
+            track.job = track.job.model_copy(update={"state": JobState.SUCCEEDED})
         if track.message_id is not None and not track.muted:
             try:
                 await self._write_status(track)

@@ -122,6 +122,21 @@ async def test_logs_are_redacted_code_blocks_and_samples_go_to_a_thread(bot: Lor
     assert SECRET not in fake.received_text()
 
 
+async def test_a_result_posted_before_the_machine_is_released_shows_the_job_done(
+        bot: LoraBot, fake: FakeDiscord) -> None:
+    # with warm reuse the link goes out while the job still holds its machine (collecting), which may
+    # wait minutes for a queued job: the status must not say "saving the LoRA" all that time
+    job = await new_job(bot, fake)
+    await bot.notifier.notify(job, progress(100))
+    collecting = job.model_copy(update={"state": JobState.COLLECTING})
+    await bot.notifier.notify(collecting, Finished(lora_url="https://r2.example/cat.safetensors?sig=1",
+                                                   link_expires_at=2_000_000_000, duration_s=60, cost_usd=0.1,
+                                                   final_loss=0.03, loss_curve=[]))
+    status, final = fake.channel_messages()
+    assert "done" in status.embeds[0]["title"] and not status.components  # no Cancel button any more
+    assert "is ready" in final.content
+
+
 async def test_finished_posts_link_cost_and_loss_curve(bot: LoraBot, fake: FakeDiscord) -> None:
     job = await new_job(bot, fake)
     await bot.notifier.notify(job, progress(100))
