@@ -156,13 +156,14 @@ async def test_the_first_step_waits_for_upload_or_download_not_both(costly: Harn
     job = await h.worker.wait(await h.submit(steps=5), timeout=90)
     assert job.state == JobState.SUCCEEDED, job.reason
     m, marks = job.measured, job.measured["marks"]
+    # the model download was launched before the dataset went up (not after it), and the trainer's first
+    # step came after the download ended, on a warm cache. How much time the overlap saves is measured by
+    # benchmarks/first_step.py, not timed here: on a loaded CI machine the detached download's own start
+    # can come after a small upload's end.
+    steps = [e.step for e in h.recorder.of(Readiness)]  # type: ignore[attr-defined]
+    assert steps.index("prefetching") < steps.index("uploaded"), steps
     started, finished = m["prefetch_window"]
-    upload_began = marks["uploaded"] - m["phases"]["dataset_upload"]
-    # the model download ran beside the dataset upload: it began inside the upload, before the dataset
-    # was on the box, and the trainer's first step came after it, on a warm cache. (How much time the
-    # overlap saves is measured by benchmarks/first_step.py, not timed here: CI machines are noisy.)
-    assert upload_began - 0.05 <= started < marks["uploaded"], (started, upload_began, marks)
-    assert finished > started and marks["first_step"] >= finished, (m["prefetch_window"], marks)
+    assert marks["ssh"] <= started <= finished <= marks["first_step"], (m["prefetch_window"], marks)
     assert m["prefetch_bytes"] > 20e9
 
 
