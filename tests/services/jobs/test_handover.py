@@ -92,8 +92,8 @@ async def test_a_queued_job_gets_the_warm_machine(world: SimWorld, recorder: Rec
     assert b_bandwidth > 0 and b.dph_total == a.dph_total
     assert b.cost_usd == pytest.approx(b.dph_total * b.billed_s / 3600 + b_bandwidth, abs=1e-3)
     assert b.quote["cost_low_usd"] >= round(b_bandwidth, 4)
-    # nothing queued or quoted behind b: its machine goes at once, no idle wait
-    assert b.instance_gone_at - b.measured["stored_at"] < 2.0
+    # nothing queued or quoted behind b: its machine goes at once, not after the 5 s idle wait
+    assert b.instance_gone_at - b.measured["stored_at"] < 4.0
     # a's data is gone from the machine: its folder and every trace of its captions
     assert not (world.box.remote_root / "jobs" / a.id).exists()
     blob = b"".join(p.read_bytes() for p in world.box.remote_root.rglob("*") if p.is_file())
@@ -223,7 +223,7 @@ async def test_no_queued_job_within_the_idle_limit_destroys_the_machine(world: S
         a = await h.worker.wait(await submit(h, "u1"), timeout=120)
         assert a.state == JobState.SUCCEEDED and world.vast.live_instances() == []
         idle = a.instance_gone_at - a.measured["stored_at"]
-        assert 0.5 <= idle < 3.0
+        assert 0.5 <= idle < 4.0  # warm_idle_s, not the fixture's 5 s
         b = await h.worker.wait(await submit(h, "u2"), timeout=120)
     assert b.state == JobState.SUCCEEDED and b.instance_id != a.instance_id and rentals(world) == 2
 
@@ -239,7 +239,7 @@ async def test_a_machine_serves_at_most_warm_max_jobs(world: SimWorld, recorder:
 async def test_with_nothing_queued_the_machine_is_destroyed_at_once(world: SimWorld, recorder: Recorder) -> None:
     async with Harness(world, recorder, **{**WARM, "warm_idle_s": 60.0}) as h:
         a = await h.worker.wait(await submit(h, "u1"), timeout=120)
-    assert a.state == JobState.SUCCEEDED and a.instance_gone_at - a.measured["stored_at"] < 2.0
+    assert a.state == JobState.SUCCEEDED and a.instance_gone_at - a.measured["stored_at"] < 10.0  # not 60 s
 
 
 async def test_warm_reuse_off_destroys_every_machine(world: SimWorld, recorder: Recorder) -> None:
