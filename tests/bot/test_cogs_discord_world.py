@@ -75,6 +75,10 @@ async def test_train_from_attachment_to_a_working_link_after_tokens_expired(
         got = await http.get(link.group(1))
     assert got.status_code == 200 and len(got.content) > 8
     assert f"<{link.group(1)}>" in final.content  # the link is in the text too
+    for _ in range(100):  # recorded right after the post
+        if (await bot.require_store().require(job_id)).result_delivered_to == "channel":
+            break
+        await asyncio.sleep(0.05)
     assert (await bot.require_store().require(job_id)).result_delivered_to == "channel"
     # /status (tokens are fresh for a new interaction) shows its owner a freshly presigned link that works
     fake.token_lifetime_s = 15 * 60
