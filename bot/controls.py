@@ -236,8 +236,9 @@ class QuoteDeclineButton(_JobButton, template=r"lorabot:decline:" + JOB):
         job = await _open_quote(interaction, self.job_id)
         if job is None:
             return
-        await interaction.response.edit_message(content="Cancelled: nothing was rented.", view=None)
+        # recorded first (a store write, well inside the 3 s): the message never claims what did not happen
         await decline(bot.require_store(), job.id, "declined by the requester")
+        await interaction.response.edit_message(content="Cancelled: nothing was rented.", view=None)
 
 
 DYNAMIC_ITEMS: tuple[type[discord.ui.DynamicItem[Any]], ...] = (

@@ -118,6 +118,10 @@ async def test_the_watchdog_destroys_a_job_whose_monitor_is_stuck(uworld: SimWor
         job_id = await start_job(uworld, store, worker, settings)
         await until(store, job_id, lambda j: j.state == S.TRAINING or j.state.terminal)
         job = await until(store, job_id, lambda j: j.state.terminal, timeout=60)
+        for _ in range(200):  # the watchdog records the end first; the cancelled pipeline task ends after
+            if not worker.running():
+                break
+            await asyncio.sleep(0.05)
         assert worker.running() == []
     finally:
         flag.unlink(missing_ok=True)
