@@ -185,16 +185,6 @@ def inet_cost(holder: Job) -> tuple[float, float]:
     return float(c.get("down") or 0.0), float(c.get("up") or 0.0)
 
 
-def warm_bandwidth_usd(holder: Job, successor: Job) -> float:
-    """What the successor's own bytes cost on the holder's machine: its dataset in, its results out
-    (the base model is already there)."""
-    from services.quote import upload_bytes
-
-    down, up = inet_cost(holder)
-    recipe = FluxRecipe.model_validate(successor.recipe)
-    return round(successor.dataset_bytes / 1e9 * down + upload_bytes(recipe) / 1e9 * up, 4)
-
-
 def warm_quote(settings: Settings, holder: Job, successor: Job) -> dict[str, Any]:
     from services.jobs.intake import quote_doc
     from services.quote import quote
@@ -234,6 +224,8 @@ async def hand_over(p: Pipeline, job: Job, successor: Job) -> Job:
     await p.d.vast.set_label(job.instance_id, label)
     now = time.time()
     machine = machine_of(job)
+    # its own bytes at this machine's $/GB: its dataset in, its results out (the model is already there)
+    quote = warm_quote(p.s, job, successor)
     measured = phases.mark({"warm": True, "warm_from": job.id, "inet_down": job.measured.get("inet_down"),
                             "inet_cost": job.measured.get("inet_cost"),
                             "machine": {"started_at": machine["started_at"], "jobs": machine["jobs"] + 1}},
@@ -243,8 +235,8 @@ async def hand_over(p: Pipeline, job: Job, successor: Job) -> Job:
         label=label, instance_id=job.instance_id, offer_id=job.offer_id, machine_id=job.machine_id,
         gpu_name=job.gpu_name, dph_total=job.dph_total, ssh_host=job.ssh_host, ssh_port=job.ssh_port,
         ssh_kind=job.ssh_kind, host_key=job.host_key, rented_at=now, instance_gone_at=None,
-        started_at=successor.started_at or now, quote=warm_quote(p.s, job, successor), measured=measured,
-        bandwidth_usd=warm_bandwidth_usd(job, successor))
+        started_at=successor.started_at or now, quote=quote, measured=measured,
+        bandwidth_usd=float(quote["bandwidth_usd"]))
     return await close(p, job, now)
 
 
