@@ -146,20 +146,26 @@ class Worker:
             job = await self.store.get(job_id)
             if job is None or job_id not in self._pending or not fits(job):
                 continue
-            # off the queue before the first await: the scheduler claims under the same owner, so the
-            # lease alone cannot keep the two of us from both taking (and launching) this job
-            self._dequeue(job_id)
-            self._taking.add(job_id)  # until _launch_warm or _put_back
-            try:
-                claimed = await self.store.claim(job_id, self.owner, self.settings.lease_s)
-            except BaseException:
-                self._put_back(job_id)
-                raise
-            if not claimed:
-                self._taking.discard(job_id)
-                continue  # another process drives it
-            return job
+            if await self._take(job_id):  # held in _taking until _launch_warm or _put_back
+                return job
         return None
+
+    async def _take(self, job_id: str) -> bool:
+        """Take a queued job off the queue and lease it to us; False when another process drives it.
+
+        Off the queue before the first await: the scheduler and a warm machine claim under the same
+        owner, so the lease alone cannot keep them from both taking (and launching) one job. Until it
+        is launched or put back, the job is in _taking, which recover() and submit() leave alone."""
+        self._dequeue(job_id)
+        self._taking.add(job_id)
+        try:
+            claimed = await self.store.claim(job_id, self.owner, self.settings.lease_s)
+        except BaseException:
+            self._put_back(job_id)  # a store error (or a shutdown): the job stays queued
+            raise
+        if not claimed:
+            self._taking.discard(job_id)
+        return claimed
 
     def _launch_warm(self, job: Job) -> None:
         self._taking.discard(job.id)
@@ -267,16 +273,13 @@ class Worker:
             per_user = sum(1 for jid in self._running if self._users.get(jid) == job.user_id)
             if per_user >= self.settings.max_jobs_per_user:
                 continue  # this user waits; others behind may pass
-            self._dequeue(job_id)  # before the await, as in _take_queued
-            self._taking.add(job_id)
+            if not await self._take(job_id):
+                continue
             try:
-                if not await self.store.claim(job_id, self.owner, self.settings.lease_s):
-                    continue  # another process drives it
-                if await self._over_budget(job):
-                    continue  # failed, with the reason
-                self._launch(job)
+                if not await self._over_budget(job):  # else failed, with the reason
+                    self._launch(job)
             except BaseException:
-                self._put_back(job_id)  # a store error (or a shutdown): the job stays queued
+                self._put_back(job_id)
                 raise
             finally:
                 self._taking.discard(job_id)
