@@ -153,8 +153,11 @@ class AsyncsshBox:
         self.cut_connections()
         server, self._server = self._server, None
         if server is not None:
-            server.close()
-            self._call(server.wait_closed())
+            async def close() -> None:  # on the box's loop: asyncio's Server is not thread-safe (closed
+                server.close()          # from here, it raced the aborted connections' detach and raised)
+                await server.wait_closed()
+
+            self._call(close())
 
     def close(self) -> None:
         self.stop()
